@@ -1,0 +1,97 @@
+"""Reference images (a folder per SKU, or a CSV manifest) -> a catalogue file."""
+from __future__ import annotations
+
+import csv
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from catalog.embedder import Embedder
+from catalog.errors import CatalogError, ImageRejected
+from catalog.models import load_backbone
+from catalog.preprocess import DecodeLimits, decode, to_tensor
+from catalog.store import Catalog
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# References are trusted files, possibly large packshots in any common format.
+REFERENCE_LIMITS = DecodeLimits(max_bytes=64 * 1024 * 1024, formats=("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"))
+
+
+@dataclass(frozen=True)
+class Reference:
+    path: Path
+    sku: str
+
+
+def references_from_folder(images: Path) -> list[Reference]:
+    """``images/<sku>/<file>``: every image file in a SKU's folder is one reference."""
+    if not images.is_dir():
+        raise CatalogError(f"{images} is not a folder")
+    refs = [
+        Reference(path=p, sku=sku_dir.name)
+        for sku_dir in sorted(d for d in images.iterdir() if d.is_dir())
+        for p in sorted(sku_dir.rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not refs:
+        raise CatalogError(f"no images found under {images}/<sku>/")
+    return refs
+
+
+def references_from_manifest(manifest: Path, images: Path | None) -> list[Reference]:
+    """A CSV with columns ``path,sku``; relative paths are taken from ``images`` (or the CSV's folder)."""
+    base = images or manifest.parent
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "sku"} <= set(reader.fieldnames):
+            raise CatalogError(f"{manifest} needs a header with columns path,sku")
+        refs = [Reference(path=base / row["path"], sku=row["sku"].strip()) for row in reader]
+    missing = [r.path for r in refs if not r.path.is_file()]
+    if missing:
+        raise CatalogError(f"{len(missing)} files in {manifest} do not exist, e.g. {missing[0]}")
+    if not refs:
+        raise CatalogError(f"{manifest} lists no images")
+    return refs
+
+
+def build_catalog(
+    refs: list[Reference], *, model: str, weights: str = "imagenet", device: str = "auto",
+    batch_size: int = 32, workers: int = 4, progress: bool = True,
+) -> Catalog:
+    """Embed every reference image and assemble the catalogue (rows in input order)."""
+    backbone = load_backbone(model, weights=weights)
+    embedder = Embedder(backbone, device)
+    size = embedder.input_size
+
+    def load(ref: Reference) -> torch.Tensor:
+        try:
+            return to_tensor(decode(ref.path.read_bytes(), size, REFERENCE_LIMITS).image)
+        except ImageRejected as exc:
+            raise CatalogError(f"reference {ref.path} ({exc.reason}): {exc}") from exc
+
+    skus = tuple(sorted({r.sku for r in refs}))
+    sku_index = {s: i for i, s in enumerate(skus)}
+    vectors = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(refs), unit="img", desc=f"embedding with {model}", disable=not progress
+    ) as bar:
+        for start in range(0, len(refs), batch_size):
+            chunk = refs[start : start + batch_size]
+            pixels = torch.stack(list(pool.map(load, chunk)))
+            vectors.append(embedder.embed(pixels).cpu().numpy())
+            bar.update(len(chunk))
+    return Catalog(
+        embeddings=np.concatenate(vectors).astype(np.float32),
+        row_sku=np.array([sku_index[r.sku] for r in refs], dtype=np.int32),
+        skus=skus,
+        fingerprint=backbone.fingerprint,
+        weights_source=weights,
+        references=tuple(str(r.path) for r in refs),
+    )

@@ -1,0 +1,148 @@
+"""Encoded image bytes -> upright RGB pixels at the model's input size.
+
+The same function decodes reference images when a catalogue is built and shelf photos in the
+consumer, so both sides of the cosine similarity see identical pixels.
+
+Safety (Pillow's own guidance): the byte limit is checked before anything is parsed, the format
+is checked twice (magic bytes, then ``Image.open(formats=...)``), the pixel count is checked from
+the header before the pixels are decoded, and JPEGs are decoded with ``draft`` so a huge photo is
+never materialised at full size.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from catalog.errors import ImageRejected
+
+
+class RejectReason(str, Enum):
+    """Stable codes for an image that cannot be matched (the dead-letter ``dlq-reason``)."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too-large"
+    UNSUPPORTED_FORMAT = "unsupported-format"
+    CORRUPT_IMAGE = "corrupt-image"
+    DECOMPRESSION_BOMB = "decompression-bomb"
+    BAD_HEADER = "bad-header"
+
+
+# Leading bytes of each container Pillow can read that we may meet on a camera topic.
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"WEBP", 8, "WEBP"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"%!PS", 0, "EPS"),
+    (b"\xc5\xd0\xd3\xc6", 0, "EPS"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name of the image container ``data`` starts with, or None if unrecognised."""
+    for magic, offset, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            if name == "WEBP" and data[:4] != b"RIFF":
+                continue
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image  # RGB at the model's input size
+    width: int  # of the original, upright
+    height: int
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an input image may be. Defaults suit shelf cameras up to 8K."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 64_000_000
+    formats: tuple[str, ...] = field(default=("JPEG", "PNG", "WEBP"))
+
+
+def decode(data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Decode ``data`` into an upright RGB image resized to ``size`` (width, height).
+
+    Raises :class:`ImageRejected` with a :class:`RejectReason` code for anything unusable.
+    Valid oddities (grayscale, CMYK, palette, alpha, 16-bit, EXIF rotation) are converted.
+    """
+    if not data:
+        raise ImageRejected(RejectReason.EMPTY.value, "message value is empty")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            RejectReason.TOO_LARGE.value,
+            f"{len(data)} bytes is over the limit of {limits.max_bytes} bytes",
+        )
+    sniffed = sniff_format(data)
+    if sniffed is None or sniffed not in limits.formats:
+        what = sniffed or "unrecognised signature " + data[:8].hex()
+        raise ImageRejected(
+            RejectReason.UNSUPPORTED_FORMAT.value,
+            f"{what} is not one of the allowed formats {', '.join(limits.formats)}",
+        )
+    try:
+        img = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(RejectReason.DECOMPRESSION_BOMB.value, str(exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(RejectReason.CORRUPT_IMAGE.value, f"{sniffed} header unreadable: {exc}") from exc
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            RejectReason.DECOMPRESSION_BOMB.value,
+            f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}",
+        )
+    try:
+        if img.format == "JPEG":
+            # Let libjpeg downscale by 1/2, 1/4 or 1/8 while staying at least `size` in both
+            # dimensions (after a possible EXIF rotation, hence the larger side twice).
+            side = max(size)
+            img.draft("RGB", (side, side))
+        img.load()
+        loaded = img.size
+        img = ImageOps.exif_transpose(img)
+        if img.size != loaded:  # rotated by 90 degrees: report the upright size
+            width, height = height, width
+        rgb = to_rgb(img)
+        return Decoded(rgb.resize(size, Image.Resampling.BILINEAR), width, height)
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(RejectReason.DECOMPRESSION_BOMB.value, str(exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected(RejectReason.CORRUPT_IMAGE.value, f"{sniffed} body undecodable: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is flattened onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or float grayscale: scale the full range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> uint8 tensor (3, H, W). Scaling and normalisation happen on the device."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)

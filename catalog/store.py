@@ -1,0 +1,147 @@
+"""The catalogue file: reference vectors, the SKU of each row, the model fingerprint, a version.
+
+Format: one safetensors file (no pickle, memory-mappable) holding
+``embeddings`` (float32, rows x dim, unit length) and ``row_sku`` (int32 index into the SKU list),
+with a JSON document under the metadata key ``shelfmatch``::
+
+    {"format": "shelfmatch-catalog/1", "version": "<12 hex>", "created_at": "<RFC 3339>",
+     "fingerprint": {...}, "weights_source": "imagenet", "skus": [...], "references": [...],
+     "calibration": {"threshold": 0.9, "min_margin": 0.02} | null}
+
+``version`` is a hash of the vectors, the SKUs and the fingerprint: two builds of the same
+references with the same model get the same version, and any change gives a new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from catalog.errors import CatalogFileError
+from catalog.models import Fingerprint
+
+FORMAT = "shelfmatch-catalog/1"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Operating point chosen on labelled photos; the consumer uses it unless told otherwise."""
+
+    threshold: float
+    min_margin: float
+
+
+@dataclass(frozen=True)
+class Catalog:
+    embeddings: np.ndarray  # float32 (rows, dim), unit rows
+    row_sku: np.ndarray  # int32 (rows,), index into skus
+    skus: tuple[str, ...]
+    fingerprint: Fingerprint
+    weights_source: str = "imagenet"
+    references: tuple[str, ...] = ()
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        rows, dim = self.embeddings.shape
+        if dim != self.fingerprint.dim:
+            raise CatalogFileError(f"vectors have {dim} values, the model gives {self.fingerprint.dim}")
+        if self.row_sku.shape != (rows,):
+            raise CatalogFileError("row_sku must have one entry per vector")
+        if rows and (self.row_sku.min() < 0 or self.row_sku.max() >= len(self.skus)):
+            raise CatalogFileError("row_sku points outside the SKU list")
+
+    @property
+    def version(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.embeddings, dtype="<f4").tobytes())
+        h.update(np.ascontiguousarray(self.row_sku, dtype="<i4").tobytes())
+        h.update(json.dumps([self.skus, self.fingerprint.to_dict()], sort_keys=True).encode())
+        return h.hexdigest()[:12]
+
+    def with_calibration(self, calibration: Calibration | None) -> "Catalog":
+        return Catalog(
+            embeddings=self.embeddings, row_sku=self.row_sku, skus=self.skus,
+            fingerprint=self.fingerprint, weights_source=self.weights_source,
+            references=self.references, created_at=self.created_at, calibration=calibration,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: readers never see a half-written catalogue."""
+        path = Path(path)
+        meta = {
+            "format": FORMAT,
+            "version": self.version,
+            "created_at": self.created_at,
+            "fingerprint": self.fingerprint.to_dict(),
+            "weights_source": self.weights_source,
+            "skus": list(self.skus),
+            "references": list(self.references),
+            "calibration": None if self.calibration is None else vars(self.calibration),
+        }
+        tensors = {
+            "embeddings": np.ascontiguousarray(self.embeddings, dtype=np.float32),
+            "row_sku": np.ascontiguousarray(self.row_sku, dtype=np.int32),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"shelfmatch": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Catalog":
+        path = Path(path)
+        if not path.is_file():
+            raise CatalogFileError(f"catalogue file {path} does not exist")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                raw = (f.metadata() or {}).get("shelfmatch")
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CatalogFileError(f"{path} is not a readable catalogue: {exc}") from exc
+        if raw is None:
+            raise CatalogFileError(f"{path} has no shelfmatch metadata")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT:
+            raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        calibration = meta.get("calibration")
+        catalog = cls(
+            embeddings=tensors["embeddings"],
+            row_sku=tensors["row_sku"],
+            skus=tuple(meta["skus"]),
+            fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
+            weights_source=meta.get("weights_source", "imagenet"),
+            references=tuple(meta.get("references", ())),
+            created_at=meta["created_at"],
+            calibration=None if calibration is None else Calibration(**calibration),
+        )
+        if catalog.version != meta["version"]:
+            raise CatalogFileError(f"{path}: content does not match its version {meta['version']} (corrupt?)")
+        return catalog
+
+    def summary(self) -> str:
+        counts = np.bincount(self.row_sku, minlength=len(self.skus))
+        cal = self.calibration
+        lines = [
+            f"version      {self.version}",
+            f"created at   {self.created_at}",
+            f"model        {self.fingerprint.backbone} (weights {self.fingerprint.weights}, "
+            f"source {self.weights_source})",
+            f"vectors      {len(self.row_sku)} x {self.fingerprint.dim} float32",
+            f"products     {len(self.skus)} ({counts.min() if len(counts) else 0}-"
+            f"{counts.max() if len(counts) else 0} references each)",
+            f"input        {self.fingerprint.preprocessing.size[0]}x{self.fingerprint.preprocessing.size[1]} "
+            f"{self.fingerprint.preprocessing.resample}, mean {self.fingerprint.preprocessing.mean}, "
+            f"std {self.fingerprint.preprocessing.std}",
+            "calibration  " + ("none" if cal is None else f"threshold {cal.threshold:.3f}, min margin {cal.min_margin:.3f}"),
+        ]
+        return "\n".join(lines)

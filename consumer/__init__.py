@@ -1,0 +1,1 @@
+"""The streaming service: Kafka photos in, one match event per photo out."""

@@ -1,0 +1,200 @@
+"""Process entry of ``shelfmatch consume``: model, Kafka clients, HTTP endpoints, signals."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.helpers import create_ssl_context
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from catalog.embedder import Embedder, resolve_device
+from catalog.errors import FingerprintMismatchError
+from catalog.matcher import Matcher
+from catalog.models import load_backbone
+from catalog.preprocess import DecodeLimits
+from catalog.store import Catalog
+from consumer.metrics import Metrics
+from consumer.pipeline import DrainOnRevoke, Model, Topics, run_pipeline
+from consumer.settings import Settings
+from consumer.sink import Health, Sink
+from consumer.source import InFlight
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.85  # lowest threshold the research studied; calibrate per catalogue instead
+HEALTH_STALE_S = 30.0  # /healthz fails if the event loop has not ticked for this long
+
+
+def kafka_security(settings: Settings) -> dict:
+    """aiokafka keyword arguments for the configured security protocol (secrets never logged)."""
+    kwargs: dict = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = create_ssl_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    if settings.security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return kwargs
+
+
+def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Model:
+    """Rebuild the catalogue's model and refuse to run if it does not reproduce the fingerprint."""
+    source = settings.weights or catalog.weights_source
+    backbone = load_backbone(catalog.fingerprint.backbone, weights=source)
+    if backbone.fingerprint != catalog.fingerprint:
+        raise FingerprintMismatchError(
+            f"catalogue {settings.catalog} was built with {catalog.fingerprint.describe()} but weights "
+            f"{source!r} give {backbone.fingerprint.describe()}; rebuild the catalogue or point "
+            f"SHELFMATCH_WEIGHTS at the weights it was built with"
+        )
+    calibration = catalog.calibration
+    threshold = settings.threshold
+    if threshold is None:
+        threshold = calibration.threshold if calibration else DEFAULT_THRESHOLD
+    min_margin = settings.min_margin
+    if min_margin is None:
+        min_margin = calibration.min_margin if calibration else 0.0
+    embedder = Embedder(backbone, device)
+    matcher = Matcher(catalog, device=device, top_k=settings.top_k, threshold=threshold, min_margin=min_margin)
+    return Model(embedder, matcher, catalog)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def start_http(settings: Settings, registry: CollectorRegistry, health: Health) -> WSGIServer:
+    """Serve /metrics, /healthz (event loop alive) and /readyz (consuming and publishing)."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok = time.monotonic() - health.last_tick < HEALTH_STALE_S
+        elif path == "/readyz":
+            ok = health.ready
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"ok\n" if ok else b"not ok\n"]
+
+    server = make_server(settings.metrics_host, settings.metrics_port, app, _ThreadingWSGIServer, _QuietHandler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.server_port)
+    return server
+
+
+async def _tick(health: Health) -> None:
+    while True:
+        health.last_tick = time.monotonic()
+        await asyncio.sleep(1.0)
+
+
+async def serve(settings: Settings, registry: CollectorRegistry | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT; return the process exit code."""
+    registry = registry or CollectorRegistry()
+    metrics = Metrics(registry)
+    health = Health()
+    catalog = Catalog.load(settings.catalog)
+    device = resolve_device(settings.device)
+    model = load_model(settings, catalog, device)
+    log.info(
+        "catalogue %s: %d products, %s on %s, threshold %.3f, min margin %.3f",
+        catalog.version, len(catalog.skus), catalog.fingerprint.describe(), device,
+        model.matcher.threshold, model.matcher.min_margin,
+    )
+    metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
+    metrics.catalog_products.set(len(catalog.skus))
+    width, height = model.embedder.input_size
+    model(torch.zeros((settings.batch_size, 3, height, width), dtype=torch.uint8))  # warm-up
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = start_http(settings, registry, health)
+    security = kafka_security(settings)
+    limits = DecodeLimits(
+        max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels,
+        formats=settings.allowed_formats,
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.group_id,
+        client_id=settings.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
+        isolation_level="read_committed", session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=max(300, settings.session_timeout_ms // 3),
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        # A record larger than one partition's fetch is skipped by aiokafka with only a log
+        # line; allow the largest photo we accept (plus headers) so it reaches the DLQ instead.
+        max_partition_fetch_bytes=settings.max_message_bytes + 1024 * 1024,
+        fetch_max_bytes=max(52_428_800, settings.max_message_bytes + 1024 * 1024),
+        **security,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
+        enable_idempotence=True, acks="all", max_request_size=settings.max_message_bytes + 1024 * 1024,
+        **security,
+    )
+    in_flight = InFlight(metrics)
+    listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics)
+    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+    ticker = asyncio.create_task(_tick(health), name="tick")
+    code = 0
+    try:
+        await producer.start()
+        await consumer.start()
+        consumer.subscribe([settings.input_topic], listener=listener)
+        health.consuming = True
+        metrics.ready.set(1)
+        log.info("consuming %s as group %s", settings.input_topic, settings.group_id)
+        pipeline = asyncio.create_task(run_pipeline(
+            consumer, Sink(producer, consumer, metrics, health), model=model,
+            topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
+            decode_pool=decode_pool, model_pool=model_pool, limits=limits, batch_size=settings.batch_size,
+            batch_max_wait_s=settings.batch_max_wait_ms / 1000, in_flight=in_flight, metrics=metrics, stop=stop,
+        ), name="pipeline")
+        await asyncio.wait({pipeline, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if not pipeline.done():
+            log.info("stopping: draining %d in-flight photos", in_flight.count)
+            try:
+                await asyncio.wait_for(asyncio.shield(pipeline), settings.shutdown_timeout_s)
+            except TimeoutError:
+                log.error("drain did not finish in %.0fs; uncommitted photos will be re-read", settings.shutdown_timeout_s)
+                pipeline.cancel()
+                code = 1
+        if pipeline.done() and not pipeline.cancelled() and pipeline.exception() is not None:
+            raise pipeline.exception()
+    except Exception:
+        log.exception("fatal error; stopping without committing unpublished photos")
+        code = 1
+    finally:
+        health.consuming = False
+        metrics.ready.set(0)
+        await consumer.stop()
+        await producer.stop()
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+        model_pool.shutdown(wait=False, cancel_futures=True)
+        server.shutdown()
+    log.info("stopped (exit %d)", code)
+    return code

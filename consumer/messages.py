@@ -1,0 +1,139 @@
+"""The wire contract: input headers, the MatchEvent published per photo, dead-letter headers.
+
+``shelfmatch schema`` prints the JSON Schema of :class:`MatchEvent`. Changes that remove or
+retype a field bump ``SCHEMA_VERSION``; adding optional fields does not.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from catalog.errors import ImageRejected
+from catalog.preprocess import RejectReason
+
+SCHEMA_VERSION = 1
+
+# Input headers we read; anything else is ignored.
+HEADER_CAMERA = "camera-id"
+HEADER_STORE = "store-id"
+HEADER_SHELF = "shelf-id"
+HEADER_CAPTURED = "captured-at"
+HEADER_CONTENT_TYPE = "content-type"
+KNOWN_HEADERS = (HEADER_CAMERA, HEADER_STORE, HEADER_SHELF, HEADER_CAPTURED, HEADER_CONTENT_TYPE)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Source(_Model):
+    """Where the photo was read: with ``event_id`` it identifies the photo for de-duplication."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int = Field(description="Kafka record timestamp (ms since the epoch)")
+
+
+class Photo(_Model):
+    """What the producer told us about the photo (record key and headers)."""
+
+    key: str | None = Field(None, description="record key (the camera id, by convention)")
+    camera_id: str | None = Field(None, description="`camera-id` header, else the record key")
+    store_id: str | None = None
+    shelf_id: str | None = None
+    captured_at: datetime | None = Field(None, description="`captured-at` header (RFC 3339)")
+    content_type: str | None = None
+    width: int = Field(description="decoded width in pixels (after EXIF rotation)")
+    height: int = Field(description="decoded height in pixels (after EXIF rotation)")
+
+
+class CatalogRef(_Model):
+    version: str = Field(description="content hash of the catalogue file used")
+    model: str = Field(description="backbone name")
+    weights: str = Field(description="identity of the weights")
+
+
+class Candidate(_Model):
+    sku: str
+    score: float = Field(description="cosine similarity to the product's best reference, -1..1")
+
+
+class Latency(_Model):
+    """Milliseconds spent per stage before the event was handed to the producer."""
+
+    decode: float
+    batch_wait: float = Field(description="from the record's arrival to its batch closing")
+    embed: float = Field(description="the whole batch's forward pass")
+    match: float = Field(description="the whole batch's similarity and top-k")
+    pipeline: float = Field(description="from the record's arrival to the event's creation")
+
+
+class MatchEvent(_Model):
+    """One per input photo on the output topic, keyed like the input record."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(description='"{topic}/{partition}/{offset}" of the input record; stable across retries')
+    source: Source
+    photo: Photo
+    catalog: CatalogRef
+    verdict: Literal["match", "ambiguous", "unknown"]
+    best: Candidate
+    margin: float = Field(description="best score minus the runner-up's (0 if only one product)")
+    candidates: list[Candidate] = Field(description="top-k products, best first")
+    threshold: float
+    min_margin: float
+    batch_size: int
+    latency_ms: Latency
+    processed_at: datetime
+
+
+def event_id(topic: str, partition: int, offset: int) -> str:
+    return f"{topic}/{partition}/{offset}"
+
+
+def parse_headers(key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> dict:
+    """Read the record key and our known headers; malformed ones raise ``bad-header``."""
+    fields: dict = {}
+    try:
+        fields["key"] = key.decode("utf-8") if key is not None else None
+    except UnicodeDecodeError as exc:
+        raise ImageRejected(RejectReason.BAD_HEADER.value, f"record key is not UTF-8: {exc}") from exc
+    for name, raw in headers:
+        if name not in KNOWN_HEADERS or raw is None:
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ImageRejected(RejectReason.BAD_HEADER.value, f"header {name} is not UTF-8: {exc}") from exc
+        if name == HEADER_CAPTURED:
+            try:
+                stamp = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError as exc:
+                raise ImageRejected(RejectReason.BAD_HEADER.value, f"captured-at {text!r} is not RFC 3339") from exc
+            if stamp.tzinfo is None:
+                raise ImageRejected(RejectReason.BAD_HEADER.value, f"captured-at {text!r} has no UTC offset")
+            fields["captured_at"] = stamp
+        else:
+            fields[name.replace("-", "_")] = text
+    fields.setdefault("camera_id", fields["key"])
+    return fields
+
+
+def dead_letter_headers(
+    headers: Sequence[tuple[str, bytes]], *, reason: str, error: str, topic: str, partition: int,
+    offset: int, truncated_from: int | None = None,
+) -> list[tuple[str, bytes]]:
+    """The original headers followed by ours (Kafka Connect style, with stable reason codes)."""
+    ours = [
+        ("dlq-reason", reason),
+        ("dlq-error", error[:1000]),
+        ("dlq-source-topic", topic),
+        ("dlq-source-partition", str(partition)),
+        ("dlq-source-offset", str(offset)),
+    ]
+    if truncated_from is not None:
+        ours.append(("dlq-value-truncated-from", str(truncated_from)))
+    return [*headers, *((k, v.encode()) for k, v in ours)]

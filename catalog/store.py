@@ -8,6 +8,9 @@ with a JSON document under the metadata key ``shelfmatch``::
      "fingerprint": {...}, "weights_source": "imagenet", "skus": [...], "references": [...],
      "calibration": {"threshold": 0.9, "min_margin": 0.02} | null}
 
+and, when a projection head was trained (``shelfmatch catalog train-head``), its weights as
+``head.*`` tensors; the fingerprint then names the head's content hash.
+
 ``version`` is a hash of the vectors, the SKUs and the fingerprint: two builds of the same
 references with the same model get the same version, and any change gives a new one.
 """
@@ -25,7 +28,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from catalog.errors import CatalogFileError
-from catalog.models import Fingerprint
+import torch
+
+from catalog.models import Fingerprint, ProjectionHead
 
 FORMAT = "shelfmatch-catalog/1"
 
@@ -48,6 +53,7 @@ class Catalog:
     references: tuple[str, ...] = ()
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     calibration: Calibration | None = None
+    head_state: dict[str, np.ndarray] | None = None  # projection head weights, when trained
 
     def __post_init__(self) -> None:
         rows, dim = self.embeddings.shape
@@ -66,12 +72,10 @@ class Catalog:
         h.update(json.dumps([self.skus, self.fingerprint.to_dict()], sort_keys=True).encode())
         return h.hexdigest()[:12]
 
-    def with_calibration(self, calibration: Calibration | None) -> "Catalog":
-        return Catalog(
-            embeddings=self.embeddings, row_sku=self.row_sku, skus=self.skus,
-            fingerprint=self.fingerprint, weights_source=self.weights_source,
-            references=self.references, created_at=self.created_at, calibration=calibration,
-        )
+    def head(self) -> ProjectionHead | None:
+        if self.head_state is None:
+            return None
+        return ProjectionHead.from_state({k: torch.from_numpy(v) for k, v in self.head_state.items()})
 
     def save(self, path: str | Path) -> None:
         """Write atomically: readers never see a half-written catalogue."""
@@ -89,6 +93,7 @@ class Catalog:
         tensors = {
             "embeddings": np.ascontiguousarray(self.embeddings, dtype=np.float32),
             "row_sku": np.ascontiguousarray(self.row_sku, dtype=np.int32),
+            **{f"head.{k}": np.ascontiguousarray(v) for k, v in (self.head_state or {}).items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -114,6 +119,7 @@ class Catalog:
         if meta.get("format") != FORMAT:
             raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
         calibration = meta.get("calibration")
+        head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
         catalog = cls(
             embeddings=tensors["embeddings"],
             row_sku=tensors["row_sku"],
@@ -123,6 +129,7 @@ class Catalog:
             references=tuple(meta.get("references", ())),
             created_at=meta["created_at"],
             calibration=None if calibration is None else Calibration(**calibration),
+            head_state=head or None,
         )
         if catalog.version != meta["version"]:
             raise CatalogFileError(f"{path}: content does not match its version {meta['version']} (corrupt?)")
@@ -136,6 +143,7 @@ class Catalog:
             f"created at   {self.created_at}",
             f"model        {self.fingerprint.backbone} (weights {self.fingerprint.weights}, "
             f"source {self.weights_source})",
+            f"head         {self.fingerprint.head or 'none (frozen backbone features)'}",
             f"vectors      {len(self.row_sku)} x {self.fingerprint.dim} float32",
             f"products     {len(self.skus)} ({counts.min() if len(counts) else 0}-"
             f"{counts.max() if len(counts) else 0} references each)",

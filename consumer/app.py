@@ -50,6 +50,9 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Mo
     """Rebuild the catalogue's model and refuse to run if it does not reproduce the fingerprint."""
     source = settings.weights or catalog.weights_source
     backbone = load_backbone(catalog.fingerprint.backbone, weights=source)
+    head = catalog.head()
+    if head is not None:
+        backbone = backbone.with_head(head)
     if backbone.fingerprint != catalog.fingerprint:
         raise FingerprintMismatchError(
             f"catalogue {settings.catalog} was built with {catalog.fingerprint.describe()} but weights "

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from tests.unit.test_matcher import random_catalog
 
 
 def test_round_trip_keeps_everything(tmp_path):
-    catalog = random_catalog(products=7, refs_per_product=2).with_calibration(Calibration(0.8, 0.03))
+    catalog = replace(random_catalog(products=7, refs_per_product=2), calibration=Calibration(0.8, 0.03))
     path = tmp_path / "c.safetensors"
     catalog.save(path)
     loaded = Catalog.load(path)

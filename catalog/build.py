@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,9 +65,25 @@ def references_from_manifest(manifest: Path, images: Path | None) -> list[Refere
 
 def embed_images(
     paths: list[Path], embedder: Embedder, *, batch_size: int = 32, workers: int = 4, progress: bool = True,
-    desc: str = "embedding",
+    desc: str = "embedding", cache: Path | None = None,
 ) -> np.ndarray:
-    """Unit vectors (N, dim) for image files, decoded in a thread pool and embedded in batches."""
+    """Unit vectors (N, dim) for image files, decoded in a thread pool and embedded in batches.
+
+    With ``cache`` (a folder), the result is stored under a key made of the model fingerprint
+    and every file's path, size and modification time, and reused while none of them changes.
+    """
+    if cache is not None:
+        key = hashlib.sha256(json.dumps(embedder.fingerprint.to_dict(), sort_keys=True).encode())
+        for p in paths:
+            st = p.stat()
+            key.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        cached = cache / f"{key.hexdigest()[:24]}.npy"
+        if cached.exists():
+            return np.load(cached)
+        vectors = embed_images(paths, embedder, batch_size=batch_size, workers=workers, progress=progress, desc=desc)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(cached, vectors)
+        return vectors
     size = embedder.input_size
 
     def load(path: Path) -> torch.Tensor:
@@ -106,12 +124,12 @@ def catalog_from_vectors(
 
 def build_catalog(
     refs: list[Reference], *, model: str, weights: str = "imagenet", device: str = "auto",
-    batch_size: int = 32, workers: int = 4, progress: bool = True,
+    batch_size: int = 32, workers: int = 4, progress: bool = True, cache: Path | None = None,
 ) -> Catalog:
     """Embed every reference image and assemble the catalogue (rows in input order)."""
     backbone = load_backbone(model, weights=weights)
     vectors = embed_images(
         [r.path for r in refs], Embedder(backbone, device), batch_size=batch_size, workers=workers,
-        progress=progress, desc=f"embedding with {model}",
+        progress=progress, desc=f"embedding with {model}", cache=cache,
     )
     return catalog_from_vectors(refs, vectors, backbone, weights)

@@ -12,6 +12,9 @@ from pydantic import ValidationError
 
 from catalog.errors import CatalogError
 
+# Embeddings of evaluation images are reused between runs while files and model are unchanged.
+CACHE = Path(".cache") / "features"
+
 
 def _catalog_build(args: argparse.Namespace) -> int:
     from catalog.build import build_catalog, references_from_folder, references_from_manifest
@@ -23,11 +26,149 @@ def _catalog_build(args: argparse.Namespace) -> int:
     else:
         raise CatalogError("give --images DIR (one folder per SKU) or --manifest CSV")
     catalog = build_catalog(
-        refs, model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
+        refs, model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size, cache=CACHE,
     )
     catalog.save(args.out)
     print(f"wrote {args.out}")
     print(catalog.summary())
+    return 0
+
+
+def _labelled(folder: str | None, manifest: str | None, what: str):
+    from catalog.build import references_from_folder, references_from_manifest
+
+    if manifest:
+        return references_from_manifest(Path(manifest), Path(folder) if folder else None)
+    if folder:
+        return references_from_folder(Path(folder))
+    raise CatalogError(f"give --{what} DIR (one folder per SKU) or --{what}-manifest CSV")
+
+
+def _model_for(catalog, device: str):
+    from catalog.embedder import Embedder
+    from catalog.models import load_backbone
+
+    backbone = load_backbone(catalog.fingerprint.backbone, weights=catalog.weights_source)
+    head = catalog.head()
+    return Embedder(backbone.with_head(head) if head else backbone, device)
+
+
+def _truth(catalog_skus, refs) -> "np.ndarray":
+    import numpy as np
+
+    index = {s: i for i, s in enumerate(catalog_skus)}
+    unknown = sorted({r.sku for r in refs} - set(index))
+    if unknown:
+        raise CatalogError(f"{len(unknown)} labelled products are not in the catalogue, e.g. {unknown[:3]}")
+    return np.array([index[r.sku] for r in refs])
+
+
+def _catalog_train_head(args: argparse.Namespace) -> int:
+    from catalog.build import Reference, catalog_from_vectors, embed_images
+    from catalog.embedder import Embedder
+    from catalog.head import project, train_head
+    from catalog.models import load_backbone
+    from catalog.store import Catalog
+
+    catalog = Catalog.load(args.catalog)
+    refs = [Reference(Path(p), catalog.skus[i]) for p, i in zip(catalog.references, catalog.row_sku)]
+    missing = [r.path for r in refs if not r.path.is_file()]
+    if missing:
+        raise CatalogError(f"{len(missing)} reference images of the catalogue are missing, e.g. {missing[0]}")
+    backbone = load_backbone(catalog.fingerprint.backbone, weights=catalog.weights_source)
+    features = embed_images([r.path for r in refs], Embedder(backbone, args.device), cache=CACHE,
+                            desc="backbone features")
+    head = train_head(features, catalog.row_sku, out_dim=args.dim, epochs=args.epochs, scale=args.scale,
+                      weight_decay=args.weight_decay)
+    trained = catalog_from_vectors(refs, project(head, features), backbone.with_head(head), catalog.weights_source)
+    trained.save(args.out)
+    print(f"wrote {args.out} (calibration cleared: calibrate it again)")
+    print(trained.summary())
+    return 0
+
+
+def _catalog_calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from catalog.build import embed_images
+    from catalog.evaluate import calibrate, product_scores
+    from catalog.store import Calibration, Catalog
+
+    catalog = Catalog.load(args.catalog)
+    refs = _labelled(args.queries, args.queries_manifest, "queries")
+    vectors = embed_images([r.path for r in refs], _model_for(catalog, args.device), cache=CACHE,
+                           desc="embedding queries")
+    scores = product_scores(vectors, catalog.embeddings, catalog.row_sku, len(catalog.skus))
+    point = calibrate(scores, _truth(catalog.skus, refs), target_precision=args.target_precision)
+    out = args.out or args.catalog
+    replace(catalog, calibration=Calibration(threshold=round(point.threshold, 6), min_margin=point.min_margin)).save(out)
+    print(f"threshold {point.threshold:.4f}, min margin {point.min_margin:.3f}: precision "
+          f"{100 * point.precision:.1f}%, recall {100 * point.recall:.1f}% on {len(refs)} photos -> {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from catalog.baselines import baseline_vectors
+    from catalog.build import build_catalog, embed_images
+    from catalog.evaluate import (
+        RESEARCH_THRESHOLDS, cross_validated_calibration, format_table, operating_point, plot, product_scores,
+        quality,
+    )
+    from catalog.store import Catalog
+
+    queries = _labelled(args.queries, args.queries_manifest, "queries")
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else RESEARCH_THRESHOLDS
+    catalogs: dict[str, Catalog] = {}
+    if args.catalog:
+        for path in args.catalog:
+            c = Catalog.load(path)
+            catalogs[f"{Path(path).stem} ({c.fingerprint.describe()})"] = c
+    if args.references or args.references_manifest:
+        refs = _labelled(args.references, args.references_manifest, "references")
+        for model in filter(None, (args.models or "").split(",")):
+            catalogs[f"{model} ({args.weights})"] = build_catalog(refs, model=model, weights=args.weights,
+                                                                  device=args.device, cache=CACHE)
+    if not catalogs:
+        raise CatalogError("give --catalog FILE, or --references/--references-manifest with --models")
+    results, report = {}, {"queries": len(queries), "thresholds": list(thresholds), "methods": []}
+    for name, catalog in catalogs.items():
+        vectors = embed_images([r.path for r in queries], _model_for(catalog, args.device), cache=CACHE,
+                               desc=f"queries: {name}")
+        results[name] = (product_scores(vectors, catalog.embeddings, catalog.row_sku, len(catalog.skus)),
+                         _truth(catalog.skus, queries), catalog)
+    methods = [m for m in (args.methods or "").split(",") if m]
+    if methods:
+        base = next(iter(catalogs.values()))
+        base_refs = [Path(p) for p in base.references]
+        query_paths = [r.path for r in queries]
+        for method in methods:
+            ref_vecs = baseline_vectors(method, base_refs)
+            results[method] = (product_scores(baseline_vectors(method, query_paths), ref_vecs, base.row_sku,
+                                              len(base.skus)), _truth(base.skus, queries), base)
+    for name, (scores, truth, catalog) in results.items():
+        q = quality(name, scores, truth, thresholds)
+        print(format_table(q))
+        entry = {**q.to_dict(), "catalog_version": catalog.version}
+        if catalog.calibration is not None and name in catalogs:
+            cal = catalog.calibration
+            point = operating_point(scores, truth, cal.threshold, cal.min_margin)
+            entry["stored_calibration"] = vars(point)
+            print(f"  at the catalogue's calibration (threshold {cal.threshold:.4f}, min margin {cal.min_margin:.3f}): "
+                  f"precision {100 * point.precision:.1f}%, recall {100 * point.recall:.1f}%")
+        if args.target_precision and name in catalogs:
+            try:
+                entry["cross_validated"] = cross_validated_calibration(scores, truth, target_precision=args.target_precision)
+            except ValueError as exc:
+                entry["cross_validated"] = str(exc)
+        report["methods"].append(entry)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report["plots"] = plot({n: (s, t) for n, (s, t, _) in results.items()}, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        print(f"wrote {out / 'report.json'} and {len(report['plots'])} plots")
     return 0
 
 
@@ -85,6 +226,23 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     build.add_argument("--batch-size", type=int, default=32)
     build.set_defaults(func=_catalog_build)
+    head = cat.add_parser("train-head", help="train a projection head on the catalogue's reference photos")
+    head.add_argument("--catalog", required=True)
+    head.add_argument("--out", required=True)
+    head.add_argument("--dim", type=int, default=256, help="output dimension of the head")
+    head.add_argument("--epochs", type=int, default=30)
+    head.add_argument("--scale", type=float, default=8.0, help="inverse temperature of the proxy loss")
+    head.add_argument("--weight-decay", type=float, default=1e-2)
+    head.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    head.set_defaults(func=_catalog_train_head)
+    cal = cat.add_parser("calibrate", help="choose threshold and min margin for a target precision on labelled photos")
+    cal.add_argument("--catalog", required=True)
+    cal.add_argument("--queries", help="labelled photos: DIR/<sku>/<image> (base folder for --queries-manifest)")
+    cal.add_argument("--queries-manifest", help="CSV with columns path,sku")
+    cal.add_argument("--target-precision", type=float, default=0.95)
+    cal.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
+    cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cal.set_defaults(func=_catalog_calibrate)
     info = cat.add_parser("info", help="print a catalogue's summary")
     info.add_argument("file")
     info.set_defaults(func=_catalog_info)
@@ -92,6 +250,21 @@ def parser() -> argparse.ArgumentParser:
     consume = sub.add_parser("consume", help="run the Kafka matching service (settings: flags or SHELFMATCH_*)")
     _add_settings_flags(consume)
     consume.set_defaults(func=_consume)
+
+    ev = sub.add_parser("eval", help="matching quality on labelled photos (the research's Table 3 and more)")
+    ev.add_argument("--queries", help="labelled photos: DIR/<sku>/<image> (base folder for --queries-manifest)")
+    ev.add_argument("--queries-manifest", help="CSV with columns path,sku")
+    ev.add_argument("--catalog", action="append", help="a catalogue file to evaluate as built (repeatable)")
+    ev.add_argument("--references", help="reference photos DIR/<sku>/<image>, to build a catalogue per --models")
+    ev.add_argument("--references-manifest", help="CSV with columns path,sku")
+    ev.add_argument("--models", help=f"comma-separated backbones among {', '.join(BACKBONES)}")
+    ev.add_argument("--weights", default="imagenet")
+    ev.add_argument("--methods", help="also the research's baselines: histogram,phash")
+    ev.add_argument("--thresholds", help="comma-separated (default 0.85,0.90,0.95,0.99)")
+    ev.add_argument("--target-precision", type=float, help="also report a 2-fold cross-validated operating point")
+    ev.add_argument("--out", help="folder for report.json and PNG plots")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.set_defaults(func=_eval)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the MatchEvent")
     schema.set_defaults(func=_schema)

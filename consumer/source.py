@@ -109,10 +109,20 @@ async def fetch(
     metrics: Metrics,
     max_records: int,
 ) -> None:
-    """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once."""
+    """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once.
+
+    When the queue is full the assigned partitions are paused but polling goes on, so a slow
+    model holds the backlog in Kafka (not in memory) and the member is never evicted for
+    missing ``max_poll_interval_ms``.
+    """
     loop = asyncio.get_running_loop()
     while not stop.is_set():
-        fetched = await consumer.getmany(timeout_ms=100, max_records=max_records)
+        free = out.maxsize - out.qsize()
+        if free <= 0:
+            consumer.pause(*consumer.assignment())
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
+        fetched = await consumer.getmany(timeout_ms=100, max_records=max(1, min(max_records, free)))
         for tp, records in fetched.items():
             for record in records:
                 future = loop.run_in_executor(pool, inspect, record, size, limits)

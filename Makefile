@@ -14,7 +14,7 @@ MODEL ?= efficientnet_lite0
 UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
-.PHONY: install demo test kafka-start kafka-stop lock clean tools chart-sync
+.PHONY: install demo test kafka-start kafka-stop lock clean tools chart-sync FORCE
 
 # The virtual environment is rebuilt when the pinned dependencies change. uv keeps one copy of
 # each wheel in its cache (~/.cache/uv), so a fresh clone installs torch in seconds, not minutes.
@@ -57,19 +57,22 @@ HELM_LDFLAGS := -s -w -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION
 	-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$(HELM_K8S_MINOR) \
 	-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$(HELM_K8S_MINOR)
 
-$(TOOLS)/.helm-$(HELM_VERSION):
+# A stamp whose binary went missing is rebuilt too.
+$(TOOLS)/.helm-$(HELM_VERSION): $(if $(wildcard $(TOOLS)/helm),,FORCE)
 	@mkdir -p $(TOOLS)
 	$(GO_INSTALL) -ldflags '$(HELM_LDFLAGS)' helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	@rm -f $(TOOLS)/.helm-*
 	touch $@
 
-$(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION):
+$(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION): $(if $(wildcard $(TOOLS)/kube-score),,FORCE)
 	@mkdir -p $(TOOLS)
 	$(GO_INSTALL) -ldflags '-s -w -X main.version=$(KUBE_SCORE_VERSION:v%=%)' github.com/zegl/kube-score/cmd/kube-score@$(KUBE_SCORE_VERSION)
 	@rm -f $(TOOLS)/.kube-score-*
 	touch $@
 
 tools: $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION)
+
+FORCE:
 
 # The dashboard's one source is deploy/grafana/shelfmatch.json; the chart carries a copy
 # (helm packages no symlinks), and tests/deploy fails when the two differ.

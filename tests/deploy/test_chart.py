@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 
 import kubernetes_validate
@@ -452,3 +453,18 @@ def test_no_templating_leftovers_in_the_manifests():
             # Alert templates ({{ $labels }}, {{ $value }}) are Prometheus'; nothing else may remain.
             leftovers = [m for m in re.findall(r"\{\{[^}]*\}\}", text) if "$labels" not in m and "$value" not in m]
             assert not leftovers, (configuration, doc["kind"], leftovers)
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_notes_render_for_every_configuration(configuration, tmp_path):
+    """helm template skips NOTES.txt, so a copy of the chart wraps it in a ConfigMap to render it."""
+    chart = tmp_path / "shelfmatch"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "notes-preview.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-preview\ndata:\n  notes: |\n"
+        '    {{- include (print $.Template.BasePath "/NOTES.txt") . | nindent 4 }}\n')
+    result = helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSIONS[0],
+                  "--show-only", "templates/notes-preview.yaml", *values_args(configuration))
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["data"]["notes"]
+    assert "<no value>" not in notes and f"deployment/{FULLNAME}" in notes

@@ -4,6 +4,8 @@
 #   make test                                         unit + integration tests against a real Kafka broker
 #   make kafka-start / kafka-stop                     a local Apache Kafka 4.x broker for development
 #   make lock                                         re-pin requirements.lock from pyproject.toml
+#   make tools                                        build the deployment checkers once into .cache/tools/
+#   make chart-sync                                   copy deploy/grafana/shelfmatch.json into the Helm chart
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +14,7 @@ MODEL ?= efficientnet_lite0
 UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
-.PHONY: install demo test kafka-start kafka-stop lock clean
+.PHONY: install demo test kafka-start kafka-stop lock clean tools chart-sync FORCE
 
 # The virtual environment is rebuilt when the pinned dependencies change. uv keeps one copy of
 # each wheel in its cache (~/.cache/uv), so a fresh clone installs torch in seconds, not minutes.
@@ -28,7 +30,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py --model $(MODEL)
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 kafka-start:
@@ -40,6 +42,42 @@ kafka-stop:
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+# Deployment checks (tests/deploy) run these offline. They are built once from the Go module proxy
+# into .cache/tools/ (git-ignored); a stamp per version makes later runs no-ops. hadolint and the
+# Kubernetes JSON schemas (kubernetes-validate) come from PyPI with the test extra instead.
+# helm is linked the way its own Makefile links it, so that it reports its version and checks
+# against the Kubernetes version of its client libraries, not the 1.20 fallback.
+TOOLS := .cache/tools
+HELM_VERSION := v3.22.0
+HELM_K8S_MINOR := 37
+KUBE_SCORE_VERSION := v1.20.0
+GO_INSTALL := GOBIN=$(abspath $(TOOLS)) GOFLAGS="-p=1 -buildvcs=false" go install
+HELM_LDFLAGS := -s -w -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
+	-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$(HELM_K8S_MINOR) \
+	-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$(HELM_K8S_MINOR)
+
+# A stamp whose binary went missing is rebuilt too.
+$(TOOLS)/.helm-$(HELM_VERSION): $(if $(wildcard $(TOOLS)/helm),,FORCE)
+	@mkdir -p $(TOOLS)
+	$(GO_INSTALL) -ldflags '$(HELM_LDFLAGS)' helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	@rm -f $(TOOLS)/.helm-*
+	touch $@
+
+$(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION): $(if $(wildcard $(TOOLS)/kube-score),,FORCE)
+	@mkdir -p $(TOOLS)
+	$(GO_INSTALL) -ldflags '-s -w -X main.version=$(KUBE_SCORE_VERSION:v%=%)' github.com/zegl/kube-score/cmd/kube-score@$(KUBE_SCORE_VERSION)
+	@rm -f $(TOOLS)/.kube-score-*
+	touch $@
+
+tools: $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION)
+
+FORCE:
+
+# The dashboard's one source is deploy/grafana/shelfmatch.json; the chart carries a copy
+# (helm packages no symlinks), and tests/deploy fails when the two differ.
+chart-sync:
+	cp deploy/grafana/shelfmatch.json helm/shelfmatch/dashboards/shelfmatch.json
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -55,6 +55,8 @@ class Metrics:
             "shelfmatch_catalog_products", "Products in the catalogue in use", registry=registry
         )
         self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
+        self.gpu_memory = Gauge(
+            "shelfmatch_gpu_memory_bytes", "CUDA memory of this process", ["kind"], registry=registry)
         for stage in STAGES:
             self.stage.labels(stage)
         for outcome in ("matched", "dead_lettered"):

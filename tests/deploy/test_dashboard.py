@@ -1,0 +1,167 @@
+"""The Grafana dashboard and the Prometheus alerts select only series the service really exports."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.deploy.chart import CHART, ROOT, of_kind, one, render, template
+from tests.deploy.promql import TARGET_LABELS, exported, grafana_query_usage, usage
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "shelfmatch.json"
+CHART_DASHBOARD = CHART / "dashboards" / "shelfmatch.json"
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+@pytest.fixture(scope="module")
+def known() -> tuple[set[str], set[str]]:
+    metrics, labels = exported()
+    return metrics, labels | TARGET_LABELS
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))  # collapsed rows keep their panels inside
+    return out
+
+
+def _exprs(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel query."""
+    return [(p["title"], t["expr"]) for p in _panels(dashboard) for t in p.get("targets", [])]
+
+
+def _unknown(exprs, known, read=usage) -> list[str]:
+    metrics, labels = known
+    problems = []
+    for where, expr in exprs:
+        used_metrics, used_labels = read(expr)
+        if not used_metrics:
+            problems.append(f"{where}: selects no metric: {expr}")
+        problems += [f"{where}: metric {m} is not exported" for m in sorted(used_metrics - metrics)]
+        problems += [f"{where}: label {label} does not exist" for label in sorted(used_labels - labels)]
+    return problems
+
+
+def test_the_chart_copy_is_byte_identical_to_the_source():
+    assert CHART_DASHBOARD.read_bytes() == DASHBOARD.read_bytes(), "run `make chart-sync`"
+
+
+def test_the_dashboard_configmap_carries_the_dashboard():
+    docs = render("monitoring-values.yaml")
+    (configmap,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert json.loads(configmap["data"]["shelfmatch.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_panel_queries_use_only_exported_metrics_and_labels(dashboard, known):
+    problems = _unknown(_exprs(dashboard), known)
+    assert not problems, "\n".join(problems)
+
+
+def test_template_variables_use_only_exported_metrics(dashboard, known):
+    queries = [(v["name"], v["query"]["query"] if isinstance(v["query"], dict) else v["query"])
+               for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert queries
+    problems = _unknown(queries, known, read=grafana_query_usage)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_metric_check_catches_a_name_the_service_does_not_export(known):
+    """The checks above can fail: a misspelt metric and a misspelt label are both reported."""
+    exprs = [("typo", 'sum by (reasons) (rate(shelfmatch_dead_letter_total{job="x"}[5m]))')]
+    assert _unknown(exprs, known) == ["typo: metric shelfmatch_dead_letter_total is not exported",
+                                      "typo: label reasons does not exist"]
+
+
+@pytest.mark.parametrize(("subject", "pattern"), [
+    ("throughput", r"rate\(shelfmatch_photos_total"),
+    ("end-to-end p50", r"histogram_quantile\(0\.5, .*shelfmatch_end_to_end_latency_seconds_bucket"),
+    ("end-to-end p95", r"histogram_quantile\(0\.95, .*shelfmatch_end_to_end_latency_seconds_bucket"),
+    ("end-to-end p99", r"histogram_quantile\(0\.99, .*shelfmatch_end_to_end_latency_seconds_bucket"),
+    ("per-stage latency", r"by \(le, stage\) \(rate\(shelfmatch_stage_latency_seconds_bucket"),
+    ("batch size", r"shelfmatch_batch_size_(sum|bucket)"),
+    ("lag per partition", r"by \(topic, partition\) \(shelfmatch_consumer_lag_records"),
+    ("dead letters by reason", r"sum by \(reason\) \(rate\(shelfmatch_dead_letters_total"),
+    ("GPU memory", r"shelfmatch_gpu_memory_bytes"),
+])
+def test_the_dashboard_has_a_panel_for(dashboard, subject, pattern):
+    assert any(re.search(pattern, expr) for _, expr in _exprs(dashboard)), subject
+
+
+def test_panels_are_well_formed(dashboard):
+    panels = _panels(dashboard)
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"] and panel.get("description"), panel["title"]
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"]), panel["title"]
+    assert dashboard["uid"] == "shelfmatch" and dashboard["templating"]["list"][0]["type"] == "datasource"
+
+
+# --- Alerts ------------------------------------------------------------------------------------
+
+REQUIRED_ALERTS = {"ShelfmatchConsumerLagHigh", "ShelfmatchDeadLetterRateHigh", "ShelfmatchLatencyP99High",
+                   "ShelfmatchNoEventsPublished"}
+
+
+@pytest.fixture(scope="module")
+def rules() -> list[dict]:
+    rule = one(render("monitoring-values.yaml"), "PrometheusRule")
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def test_the_required_alerts_exist(rules):
+    assert {r["alert"] for r in rules} >= REQUIRED_ALERTS
+
+
+def test_alert_expressions_use_only_exported_metrics_and_labels(rules, known):
+    problems = _unknown([(r["alert"], r["expr"]) for r in rules], known)
+    assert not problems, "\n".join(problems)
+
+
+def test_alerts_are_scoped_to_the_release(rules):
+    for rule in rules:
+        for selector in re.findall(r"shelfmatch_\w+\{([^}]*)\}", rule["expr"]):
+            assert 'namespace="retail"' in selector and 'job="shop-shelfmatch"' in selector, rule["alert"]
+
+
+def test_every_alert_has_severity_summary_and_a_runbook_section(rules):
+    headings = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in OPERATIONS.read_text().splitlines() if line.startswith("#")
+    }
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[1]
+        assert anchor in headings, f"{rule['alert']}: docs/operations.md has no section #{anchor}"
+
+
+def test_alert_thresholds_come_from_values():
+    docs = render("monitoring-values.yaml")
+    assert "> 10000" in _rule(docs, "ShelfmatchConsumerLagHigh")["expr"]
+    result = template("-f", str(CHART / "ci" / "monitoring-values.yaml"),
+                      "--set", "prometheusRule.alerts.consumerLag.threshold=250",
+                      "--set", "prometheusRule.alerts.latencyP99.enabled=false")
+    assert result.returncode == 0, result.stderr
+    docs = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+    assert "> 250" in _rule(docs, "ShelfmatchConsumerLagHigh")["expr"]
+    assert _rule(docs, "ShelfmatchLatencyP99High") is None
+
+
+def _rule(docs, name):
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if r["alert"] == name]
+    return rules[0] if rules else None

@@ -104,9 +104,13 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
     return server
 
 
-async def _tick(health: Health) -> None:
+async def _tick(health: Health, metrics: Metrics, device: torch.device) -> None:
+    """Proves the event loop alive for /healthz; samples GPU memory for the dashboard."""
     while True:
         health.last_tick = time.monotonic()
+        if device.type == "cuda":
+            metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(device))
+            metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(device))
         await asyncio.sleep(1.0)
 
 
@@ -160,7 +164,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics)
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
-    ticker = asyncio.create_task(_tick(health), name="tick")
+    ticker = asyncio.create_task(_tick(health, metrics, device), name="tick")
     code = 0
     try:
         await producer.start()

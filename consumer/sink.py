@@ -131,6 +131,12 @@ class Sink:
             self._metrics.commit_failures.inc()
             log.warning("commit of %s refused (%s); the new owner will re-process", offsets, exc)
             return
+        except KafkaError as exc:
+            # Coordinator unreachable (broker restart, network): the next batch's commit covers
+            # these offsets too; until then a restart would only repeat photos, never lose them.
+            self._metrics.commit_failures.inc()
+            log.warning("commit of %s failed (%s: %s); the next commit covers it", offsets, type(exc).__name__, exc)
+            return
         self._metrics.stage.labels("commit").observe(time.perf_counter() - start)
 
 

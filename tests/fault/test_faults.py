@@ -1,0 +1,224 @@
+"""The fault matrix of ../shared/RELIABILITY.md against the real broker: lost must be 0 everywhere.
+
+Every scenario is bounded in time by its deadlines; the figures of each run are recorded for
+docs/reliability.md (scripts/reliability_report.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import psutil
+import pytest
+from PIL import Image
+
+from tests.fault.conftest import Verdict, small_photo, verify, wait_for
+from tests.kafka import committed, create_topics, produce, read_until
+from tests.photos import encode
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+
+def events_seen(n: int):
+    import json
+
+    return lambda records: len({json.loads(r.value)["event_id"] for r in records}) >= n
+
+
+def metric_value(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def stream(broker, topics, n: int, photo=small_photo):
+    return await produce(broker.bootstrap, topics.input, [photo(i) for i in range(n)])
+
+
+async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics, service, fast_catalog, reliability_log):
+    n = 10_000
+    sent = await stream(broker, topics, n)
+    settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="64")
+    start = time.monotonic()
+    kills = []
+    for k in (1, 2, 3):
+        svc = service(**settings)
+        svc.wait_ready()
+        await read_until(broker.bootstrap, topics.output, events_seen(int(n * 0.2 * k)), timeout_s=600)
+        svc.kill()  # SIGKILL: no drain, no final commit
+        done = await committed(broker.bootstrap, topics.group, topics.input, topics.partitions)
+        kills.append(sum(v or 0 for v in done.values()))
+    last = service(**settings)
+    last.wait_ready()
+    recovered_from = time.monotonic()
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=900)
+    recovery = time.monotonic() - recovered_from
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
+    reliability_log.append(Verdict("consumer kill -9 x3 (10k photos)", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), round(recovery, 1),
+                                   {"committed_at_each_kill": kills}))
+    assert lost == 0
+    assert kills == sorted(kills) and kills[-1] < n  # each kill really happened mid-stream
+    assert duplicated <= 3 * (2 * 64 + 4 * 64)  # at most the uncommitted window per kill
+
+
+async def test_sigterm_mid_stream_finishes_the_batch_commits_and_exits_zero(broker, topics, service, fast_catalog,
+                                                                           reliability_log):
+    n = 2_000
+    sent = await stream(broker, topics, n)
+    svc = service(SHELFMATCH_CATALOG=str(fast_catalog))
+    svc.wait_ready()
+    start = time.monotonic()
+    await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300)
+    stopping = time.monotonic()
+    assert svc.terminate(timeout_s=60) == 0
+    drain_s = time.monotonic() - stopping
+    second = service(SHELFMATCH_CATALOG=str(fast_catalog))
+    second.wait_ready()
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=300)
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
+    reliability_log.append(Verdict("SIGTERM mid-stream, then restart", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), round(drain_s, 1), {"exit_code": 0}))
+    assert lost == 0 and duplicated == 0  # a clean stop commits everything it published
+    assert drain_s < 30
+
+
+async def test_broker_stop_and_start_mid_stream_loses_nothing(broker, topics, service, fast_catalog, reliability_log):
+    if not broker.started_here:
+        pytest.skip("needs the broker this session started (an external one cannot be restarted)")
+    n = 2_000
+    sent = await stream(broker, topics, n)
+    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_PUBLISH_TIMEOUT_MS="3000")
+    svc.wait_ready()
+    start = time.monotonic()
+    await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300)
+    broker.stop(keep_data=True)
+    outage = time.monotonic()
+    # The outage lasts until the service has noticed it (readiness drops or retries count up).
+    wait_for(lambda: svc.get("/readyz")[0] == 503 or svc.proc.poll() is not None, 90, "the service noticing")
+    broker.restart()
+    back = time.monotonic()
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600)
+    recovery = time.monotonic() - back
+    assert svc.proc.poll() is None, "the service must survive a broker restart"
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
+    reliability_log.append(Verdict("broker stop/start mid-stream", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), round(recovery, 1),
+                                   {"outage_s": round(back - outage, 1)}))
+    assert lost == 0
+
+
+async def test_a_second_consumer_joining_and_leaving_loses_nothing(broker, topics, service, fast_catalog, reliability_log):
+    n = 3_000
+    sent = await stream(broker, topics, n)
+    settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="16")
+    first = service(**settings)
+    first.wait_ready()
+    start = time.monotonic()
+    await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300)
+    second = service(**settings)
+    second.wait_ready()
+    await read_until(broker.bootstrap, topics.output, events_seen(n // 2), timeout_s=300)
+    second_photos = wait_for(
+        lambda: metric_value(second.metrics(), 'shelfmatch_photos_total{outcome="matched"}'), 120,
+        "the second consumer taking partitions")
+    assert second.terminate(timeout_s=60) == 0  # leaves the group: partitions move back
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600)
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
+    reliability_log.append(Verdict("second consumer joins, then leaves", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), None,
+                                   {"photos_by_second_consumer_before_leaving": second_photos}))
+    assert lost == 0
+    assert first.proc.poll() is None
+
+
+async def test_a_batch_slower_than_max_poll_interval_causes_no_rebalance_loop(broker, topics, service, tmp_path,
+                                                                               reliability_log):
+    from catalog.build import build_catalog, references_from_folder
+    from tests.photos import REFERENCES
+
+    slow = tmp_path / "resnet152.safetensors"
+    build_catalog(references_from_folder(REFERENCES), model="resnet152", weights="none", device="cpu",
+                  progress=False).save(slow)
+    n = 96
+    sent = await stream(broker, topics, n)
+    svc = service(SHELFMATCH_CATALOG=str(slow), SHELFMATCH_BATCH_SIZE="32", SHELFMATCH_MAX_POLL_INTERVAL_MS="3000",
+                  SHELFMATCH_SESSION_TIMEOUT_MS="6000")
+    svc.wait_ready(timeout_s=300)
+    start = time.monotonic()
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600)
+    text = svc.metrics()
+    embed_sum = metric_value(text, 'shelfmatch_stage_latency_seconds_sum{stage="embed"}')
+    embed_count = metric_value(text, 'shelfmatch_stage_latency_seconds_count{stage="embed"}')
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
+    reliability_log.append(Verdict("embedding slower than max_poll_interval_ms", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), None,
+                                   {"mean_batch_embed_s": round(embed_sum / max(embed_count, 1), 1),
+                                    "max_poll_interval_s": 3.0,
+                                    "commit_failures": metric_value(text, "shelfmatch_commit_failures_total")}))
+    assert embed_sum / embed_count > 3.0, "the scenario needs batches slower than max_poll_interval_ms"
+    assert lost == 0 and duplicated == 0
+    assert metric_value(text, "shelfmatch_commit_failures_total") == 0  # never evicted from the group
+
+
+async def test_a_missing_output_topic_holds_offsets_until_it_exists(broker, topics, service, fast_catalog, reliability_log):
+    from tests.kafka import unique
+
+    missing = unique("not-yet")
+    n = 300
+    sent = await stream(broker, topics, n)
+    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_OUTPUT_TOPIC=missing,
+                  SHELFMATCH_PUBLISH_TIMEOUT_MS="2000")
+    svc.wait_ready()
+    start = time.monotonic()
+    wait_for(lambda: metric_value(svc.metrics(), "shelfmatch_publish_retries_total") >= 2, 120, "publish retries")
+    assert svc.get("/readyz")[0] == 503
+    held = await committed(broker.bootstrap, topics.group, topics.input, topics.partitions)
+    assert all(v is None for v in held.values()), f"offsets moved while nothing was published: {held}"
+    await create_topics(broker.bootstrap, missing)
+    created = time.monotonic()
+    await read_until(broker.bootstrap, missing, events_seen(n), timeout_s=300)
+    recovery = time.monotonic() - created
+    wait_for(lambda: svc.get("/readyz")[0] == 200, 30, "ready again")
+    lost, duplicated, _ = await verify(broker.bootstrap, missing, sent)
+    reliability_log.append(Verdict("output topic missing, then created", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), round(recovery, 1)))
+    assert lost == 0
+
+
+def shelf_frame(i: int) -> bytes:
+    """A 1920x1080 JPEG of noise (~0.6 MB): a backlog of these is far larger than the service's memory."""
+    import numpy as np
+
+    rng = np.random.default_rng(i)
+    pixels = rng.integers(0, 256, (1080 // 8, 1920 // 8, 3), dtype=np.uint8)
+    big = Image.fromarray(pixels).resize((1920, 1080), Image.Resampling.NEAREST)
+    return encode(big, "JPEG", quality=85)
+
+
+async def test_a_backlog_much_larger_than_memory_keeps_resident_memory_bounded(broker, topics, service, fast_catalog,
+                                                                               reliability_log):
+    frames = [shelf_frame(i) for i in range(20)]
+    n = 1_200
+    sent = await produce(broker.bootstrap, topics.input, [frames[i % len(frames)] for i in range(n)])
+    backlog_bytes = sum(len(frames[i % len(frames)]) for i in range(n))
+    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="32")
+    svc.wait_ready()
+    proc = psutil.Process(svc.proc.pid)
+    baseline = proc.memory_info().rss
+    start = time.monotonic()
+    peak = baseline
+    loop_deadline = time.monotonic() + 900
+    task = asyncio.create_task(read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=900))
+    while not task.done() and time.monotonic() < loop_deadline:
+        peak = max(peak, proc.memory_info().rss)
+        await asyncio.wait({task}, timeout=0.2)
+    await task
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
+    growth = peak - baseline
+    reliability_log.append(Verdict("backlog of 1,200 full-HD frames", n, lost, duplicated,
+                                   round(time.monotonic() - start, 1), None,
+                                   {"backlog_mb": round(backlog_bytes / 1e6), "rss_at_start_mb": round(baseline / 1e6),
+                                    "rss_peak_mb": round(peak / 1e6), "rss_growth_mb": round(growth / 1e6)}))
+    assert lost == 0
+    assert growth < 0.4 * backlog_bytes, f"RSS grew {growth / 1e6:.0f} MB for a {backlog_bytes / 1e6:.0f} MB backlog"

@@ -125,6 +125,25 @@ class _Spec:
     imagenet: Callable[[], tuple[dict, str]]  # -> (state dict, identity)
 
 
+def _torchvision_imagenet(name: str) -> tuple[dict, str]:
+    """torchvision's IMAGENET1K_V1 checkpoint (downloaded once into $TORCH_HOME), or a clear error."""
+    import torchvision
+
+    # V1 is the original checkpoint the research used (resize to 224, ImageNet mean/std).
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # network, proxy, disk or hash failure: all mean "not available"
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise WeightsUnavailableError(
+            f"could not obtain ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
+            f"torchvision downloads them once from {weights.url} into {cache}; on a machine "
+            f"without that access copy the file there, or pass --weights /path/to/{Path(weights.url).name} "
+            f"(SHELFMATCH_WEIGHTS for the consumer)"
+        ) from exc
+    return state, f"torchvision:{weights}:{Path(weights.url).name}"
+
+
 def _resnet_spec(name: str, dim: int) -> _Spec:
     import torchvision
 
@@ -134,22 +153,24 @@ def _resnet_spec(name: str, dim: int) -> _Spec:
         return net
 
     def imagenet() -> tuple[dict, str]:
-        # V1 is the original checkpoint the research used (resize to 224, ImageNet mean/std).
-        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        try:
-            state = weights.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # network, proxy, disk or hash failure: all mean "not available"
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-            raise WeightsUnavailableError(
-                f"could not obtain ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
-                f"torchvision downloads them once from {weights.url} into {cache}; on a machine "
-                f"without that access copy the file there, or pass --weights /path/to/{Path(weights.url).name} "
-                f"(SHELFMATCH_WEIGHTS for the consumer)"
-            ) from exc
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        return state, f"torchvision:{weights}:{Path(weights.url).name}"
+        return _torchvision_imagenet(name)
 
     return _Spec(dim=dim, preprocessing=Preprocessing(), build=build, imagenet=imagenet)
+
+
+def _mobilenet_v3_small_spec() -> _Spec:
+    """A backbone ten times lighter than ResNet-18, for CPU-only sites (and fast delivery tests)."""
+    import torchvision
+
+    def build() -> nn.Module:
+        net = torchvision.models.mobilenet_v3_small(weights=None)
+        net.classifier = nn.Identity()  # pooled 576-value features
+        return net
+
+    def imagenet() -> tuple[dict, str]:
+        return _torchvision_imagenet("mobilenet_v3_small")
+
+    return _Spec(dim=576, preprocessing=Preprocessing(), build=build, imagenet=imagenet)
 
 
 def _efficientnet_lite0_spec() -> _Spec:
@@ -183,6 +204,7 @@ _SPECS: dict[str, Callable[[], _Spec]] = {
     "resnet101": lambda: _resnet_spec("resnet101", 2048),
     "resnet152": lambda: _resnet_spec("resnet152", 2048),
     "efficientnet_lite0": _efficientnet_lite0_spec,
+    "mobilenet_v3_small": _mobilenet_v3_small_spec,
 }
 
 BACKBONES: tuple[str, ...] = tuple(_SPECS)

@@ -26,6 +26,7 @@ from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Model, Topics, run_pipeline
 from consumer.settings import Settings
 from consumer.sink import Health, Sink
+from consumer.transactions import TransactionalSink
 from consumer.source import InFlight
 
 log = logging.getLogger(__name__)
@@ -154,27 +155,34 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         fetch_max_bytes=max(52_428_800, settings.max_message_bytes + 1024 * 1024),
         **security,
     )
-    producer = AIOKafkaProducer(
+    producer_kwargs = dict(
         bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
         enable_idempotence=True, acks="all", max_request_size=settings.max_message_bytes + 1024 * 1024,
         request_timeout_ms=settings.publish_timeout_ms,
         **security,
     )
+    if settings.delivery == "exactly-once":
+        sink = TransactionalSink(producer_kwargs, settings.group_id, metrics, health)
+        producer = None
+    else:
+        producer = AIOKafkaProducer(**producer_kwargs)
+        sink = Sink(producer, consumer, metrics, health)
     in_flight = InFlight(metrics)
-    listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics)
+    listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics, sink)
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
     ticker = asyncio.create_task(_tick(health, metrics, device), name="tick")
     code = 0
     try:
-        await producer.start()
+        if producer is not None:
+            await producer.start()
         await consumer.start()
         consumer.subscribe([settings.input_topic], listener=listener)
         health.consuming = True
         metrics.ready.set(1)
-        log.info("consuming %s as group %s", settings.input_topic, settings.group_id)
+        log.info("consuming %s as group %s (%s)", settings.input_topic, settings.group_id, settings.delivery)
         pipeline = asyncio.create_task(run_pipeline(
-            consumer, Sink(producer, consumer, metrics, health), model=model,
+            consumer, sink, model=model,
             topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
             decode_pool=decode_pool, model_pool=model_pool, limits=limits, batch_size=settings.batch_size,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000, in_flight=in_flight, metrics=metrics, stop=stop,
@@ -197,7 +205,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         health.consuming = False
         metrics.ready.set(0)
         await consumer.stop()
-        await producer.stop()
+        await sink.stop()
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker

@@ -90,6 +90,7 @@ def build_outcome(
             value = rec.value or b""
             truncated = len(value) if len(value) > max_dead_letter_bytes else None
             records.append(OutRecord(
+                source=tp,
                 topic=topics.dead_letter,
                 value=value[:max_dead_letter_bytes],
                 key=rec.key,
@@ -126,7 +127,7 @@ def build_outcome(
             processed_at=now,
         )
         records.append(OutRecord(
-            topic=topics.output, value=event.model_dump_json().encode(), key=rec.key,
+            source=tp, topic=topics.output, value=event.model_dump_json().encode(), key=rec.key,
             headers=[("content-type", b"application/json")], source_timestamp_ms=rec.timestamp,
             verdict=m.verdict.value,
         ))
@@ -163,12 +164,14 @@ async def process(
 
 
 class DrainOnRevoke(ConsumerRebalanceListener):
-    """Before partitions are given up, let everything fetched so far be published and committed."""
+    """Before partitions are given up, let everything fetched so far be published and committed;
+    then tell the sink (exactly-once mode closes those partitions' transactional producers)."""
 
-    def __init__(self, in_flight: InFlight, timeout_s: float, metrics: Metrics) -> None:
+    def __init__(self, in_flight: InFlight, timeout_s: float, metrics: Metrics, sink) -> None:
         self._in_flight = in_flight
         self._timeout_s = timeout_s
         self._metrics = metrics
+        self._sink = sink
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
@@ -182,9 +185,11 @@ class DrainOnRevoke(ConsumerRebalanceListener):
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag was recorded for it yet
                 self._metrics.lag.remove(tp.topic, str(tp.partition))
+        await self._sink.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned %s", sorted(assigned))
+        await self._sink.assigned(assigned)
 
 
 async def run_pipeline(

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     dlq_topic: str = Field("shelf.photos.dlq", description="dead-letter topic for unusable photos")
     session_timeout_ms: int = Field(30_000, ge=1_000, description="consumer group session timeout")
     max_poll_interval_ms: int = Field(300_000, ge=1_000, description="longest gap between polls before the group evicts us")
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once", description="at-least-once | exactly-once (Kafka transactions; read the output with read_committed)")
     publish_timeout_ms: int = Field(30_000, ge=100, description="how long one publish attempt may wait for the broker (then it is retried)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL")

@@ -30,6 +30,7 @@ BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 @dataclass(frozen=True)
 class OutRecord:
+    source: TopicPartition  # the input partition the photo came from
     topic: str
     value: bytes
     key: bytes | None
@@ -63,11 +64,22 @@ class Health:
 
 
 class Sink:
+    """At-least-once: one idempotent producer for everything, then a plain offset commit."""
+
     def __init__(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, metrics: Metrics, health: Health) -> None:
         self._producer = producer
         self._consumer = consumer
         self._metrics = metrics
         self._health = health
+
+    async def assigned(self, partitions: set[TopicPartition]) -> None:
+        """Nothing per partition in this mode (see TransactionalSink)."""
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Nothing per partition in this mode (see TransactionalSink)."""
+
+    async def stop(self) -> None:
+        await self._producer.stop()
 
     async def send(self, outcome: Outcome) -> None:
         """Hand every record to the producer; delivery is awaited later, in :meth:`settle`."""

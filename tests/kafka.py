@@ -133,9 +133,12 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         await consumer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, partitions: int = 1, *, timeout_s: float = 60.0) -> list[ConsumerRecord]:
-    """Everything on ``topic`` up to its end offsets as of now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+async def read_all(
+    bootstrap: str, topic: str, partitions: int = 1, *, timeout_s: float = 60.0, isolation_level: str = "read_uncommitted",
+) -> list[ConsumerRecord]:
+    """Everything on ``topic`` up to its end offsets as of now (the last stable offsets with read_committed)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                isolation_level=isolation_level)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]

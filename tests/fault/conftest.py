@@ -39,9 +39,10 @@ def small_photo(i: int) -> bytes:
     return encode(Image.new("RGB", (96, 96), (i * 37 % 256, i * 91 % 256, i * 53 % 256)), "JPEG", quality=80)
 
 
-async def verify(bootstrap: str, output: str, sent) -> tuple[int, int, Counter]:
+async def verify(bootstrap: str, output: str, sent, isolation_level: str = "read_uncommitted") -> tuple[int, int, Counter]:
     """(lost, duplicated, counts) of input photos against the events on ``output``."""
-    counts = Counter(json.loads(r.value)["event_id"] for r in await read_all(bootstrap, output))
+    records = await read_all(bootstrap, output, isolation_level=isolation_level)
+    counts = Counter(json.loads(r.value)["event_id"] for r in records)
     expected = {s.event_id for s in sent}
     lost = len(expected - set(counts))
     duplicated = sum(c - 1 for c in counts.values())
@@ -61,12 +62,12 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
 
 @pytest.fixture(scope="session")
 def fast_catalog(tmp_path_factory) -> Path:
-    """EfficientNet-Lite0 with seeded random weights: delivery tests need speed, not meaning."""
+    """MobileNetV3-Small with seeded random weights: delivery tests need speed, not meaning."""
     refs = tmp_path_factory.mktemp("refs")
     for sku in range(4):
         (refs / f"sku-{sku}").mkdir()
         (refs / f"sku-{sku}" / "a.jpg").write_bytes(small_photo(sku * 11))
-    catalog = build_catalog(references_from_folder(refs), model="efficientnet_lite0", weights="none",
+    catalog = build_catalog(references_from_folder(refs), model="mobilenet_v3_small", weights="none",
                             device="cpu", progress=False)
     path = tmp_path_factory.mktemp("catalog") / "fast.safetensors"
     catalog.save(path)

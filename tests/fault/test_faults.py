@@ -35,31 +35,45 @@ async def stream(broker, topics, n: int, photo=small_photo):
     return await produce(broker.bootstrap, topics.input, [photo(i) for i in range(n)])
 
 
-async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics, service, fast_catalog, reliability_log):
+DELIVERY = pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+
+
+def isolation(delivery: str) -> str:
+    return "read_committed" if delivery == "exactly-once" else "read_uncommitted"
+
+
+@DELIVERY
+async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics, service, fast_catalog, reliability_log,
+                                                                delivery):
     n = 10_000
     sent = await stream(broker, topics, n)
-    settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="64")
+    settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="64", SHELFMATCH_DELIVERY=delivery)
+    level = isolation(delivery)
     start = time.monotonic()
     kills = []
     for k in (1, 2, 3):
         svc = service(**settings)
         svc.wait_ready()
-        await read_until(broker.bootstrap, topics.output, events_seen(int(n * 0.2 * k)), timeout_s=600)
+        await read_until(broker.bootstrap, topics.output, events_seen(int(n * 0.2 * k)), timeout_s=600,
+                         isolation_level=level)
         svc.kill()  # SIGKILL: no drain, no final commit
         done = await committed(broker.bootstrap, topics.group, topics.input, topics.partitions)
         kills.append(sum(v or 0 for v in done.values()))
     last = service(**settings)
     last.wait_ready()
     recovered_from = time.monotonic()
-    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=900)
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=900, isolation_level=level)
     recovery = time.monotonic() - recovered_from
-    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
-    reliability_log.append(Verdict("consumer kill -9 x3 (10k photos)", n, lost, duplicated,
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent, level)
+    reliability_log.append(Verdict(f"consumer kill -9 x3 (10k photos), {delivery}", n, lost, duplicated,
                                    round(time.monotonic() - start, 1), round(recovery, 1),
                                    {"committed_at_each_kill": kills}))
     assert lost == 0
     assert kills == sorted(kills) and kills[-1] < n  # each kill really happened mid-stream
-    assert duplicated <= 3 * (2 * 64 + 4 * 64)  # at most the uncommitted window per kill
+    if delivery == "exactly-once":
+        assert duplicated == 0  # read_committed sees each photo once, whatever was in flight
+    else:
+        assert duplicated <= 3 * (2 * 64 + 4 * 64)  # at most the uncommitted window per kill
 
 
 async def test_sigterm_mid_stream_finishes_the_batch_commits_and_exits_zero(broker, topics, service, fast_catalog,
@@ -108,27 +122,31 @@ async def test_broker_stop_and_start_mid_stream_loses_nothing(broker, topics, se
     assert lost == 0
 
 
-async def test_a_second_consumer_joining_and_leaving_loses_nothing(broker, topics, service, fast_catalog, reliability_log):
+@DELIVERY
+async def test_a_second_consumer_joining_and_leaving_loses_nothing(broker, topics, service, fast_catalog, reliability_log,
+                                                                  delivery):
     n = 3_000
     sent = await stream(broker, topics, n)
-    settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="16")
+    settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="16", SHELFMATCH_DELIVERY=delivery)
+    level = isolation(delivery)
     first = service(**settings)
     first.wait_ready()
     start = time.monotonic()
-    await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300)
+    await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300, isolation_level=level)
     second = service(**settings)
     second.wait_ready()
-    await read_until(broker.bootstrap, topics.output, events_seen(n // 2), timeout_s=300)
     second_photos = wait_for(
         lambda: metric_value(second.metrics(), 'shelfmatch_photos_total{outcome="matched"}'), 120,
         "the second consumer taking partitions")
     assert second.terminate(timeout_s=60) == 0  # leaves the group: partitions move back
-    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600)
-    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
-    reliability_log.append(Verdict("second consumer joins, then leaves", n, lost, duplicated,
+    await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600, isolation_level=level)
+    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent, level)
+    reliability_log.append(Verdict(f"second consumer joins, then leaves, {delivery}", n, lost, duplicated,
                                    round(time.monotonic() - start, 1), None,
                                    {"photos_by_second_consumer_before_leaving": second_photos}))
     assert lost == 0
+    if delivery == "exactly-once":
+        assert duplicated == 0
     assert first.proc.poll() is None
 
 

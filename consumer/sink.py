@@ -50,6 +50,18 @@ class Outcome:
     futures: list[asyncio.Future] = field(default_factory=list, repr=False)
 
 
+def record_delivered(metrics: Metrics, records: list[OutRecord], acked_at: float) -> None:
+    """Count what the broker acknowledged: end-to-end latency, outcomes, verdicts, DLQ reasons."""
+    for r in records:
+        metrics.end_to_end.observe(max(0.0, acked_at - r.source_timestamp_ms / 1000))
+        if r.dead_letter is not None:
+            metrics.photos.labels("dead_lettered").inc()
+            metrics.dead_letters.labels(r.dead_letter).inc()
+        else:
+            metrics.photos.labels("matched").inc()
+            metrics.verdicts.labels(r.verdict).inc()
+
+
 class Health:
     """What /readyz reports: set by the stages, read by the HTTP thread."""
 
@@ -123,14 +135,7 @@ class Sink:
         self._health.publishing = True
         self._metrics.ready.set(1 if self._health.ready else 0)
         self._metrics.stage.labels("publish").observe(time.perf_counter() - start)
-        for r in outcome.records:
-            self._metrics.end_to_end.observe(max(0.0, acked - r.source_timestamp_ms / 1000))
-            if r.dead_letter is not None:
-                self._metrics.photos.labels("dead_lettered").inc()
-                self._metrics.dead_letters.labels(r.dead_letter).inc()
-            else:
-                self._metrics.photos.labels("matched").inc()
-                self._metrics.verdicts.labels(r.verdict).inc()
+        record_delivered(self._metrics, outcome.records, acked)
         await self.commit(outcome.offsets)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:

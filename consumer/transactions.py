@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.metrics import Metrics
-from consumer.sink import BACKOFF_S, Health, Outcome
+from consumer.sink import BACKOFF_S, Health, Outcome, record_delivered
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,7 @@ class TransactionalSink:
         for tp, offset in outcome.offsets.items():
             await self._commit_partition(tp, by_partition.get(tp, []), offset)
         self._metrics.stage.labels("publish").observe(time.perf_counter() - start)
-        acked = time.time()
-        for r in outcome.records:
-            self._metrics.end_to_end.observe(max(0.0, acked - r.source_timestamp_ms / 1000))
-            if r.dead_letter is not None:
-                self._metrics.photos.labels("dead_lettered").inc()
-                self._metrics.dead_letters.labels(r.dead_letter).inc()
-            else:
-                self._metrics.photos.labels("matched").inc()
-                self._metrics.verdicts.labels(r.verdict).inc()
+        record_delivered(self._metrics, outcome.records, time.time())
 
     async def _commit_partition(self, tp: TopicPartition, records: list, offset: int) -> None:
         attempt = 0

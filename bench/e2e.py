@@ -1,0 +1,283 @@
+"""End-to-end benchmark of the real service against the local broker, with its baselines.
+
+For each backbone and photo size, measured in the same run on the same machine:
+
+- model alone: the embedder on pre-decoded uint8 tensors at the service's batch size;
+- service, maximum: a backlog of photos drained by `shelfmatch consume` (first to last event);
+- naive reference consumer (bench/naive_consumer.py): one message at a time;
+- service at offered loads (fractions of its maximum): end-to-end latency p50/p95/p99 from the
+  input record's timestamp to the event's publish timestamp;
+- peak resident memory of the service.
+
+    .venv/bin/python bench/e2e.py [--models efficientnet_lite0,resnet18] [--sizes store,fullhd]
+
+Weights are `none` (seeded random): speed does not depend on them. Results go to
+out/bench/e2e.json; bench/report.py turns them into docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "out" / "bench"
+BATCH = 32
+
+from catalog.build import build_catalog, references_from_folder  # noqa: E402
+from catalog.embedder import Embedder  # noqa: E402
+from catalog.models import load_backbone  # noqa: E402
+from catalog.preprocess import decode, to_tensor  # noqa: E402
+
+
+def store_photos() -> list[bytes]:
+    return [p.read_bytes() for p in sorted((ROOT / "data" / "grocery-demo" / "photos").glob("*/*.jpg"))]
+
+
+def shelf_frames(n: int = 12) -> list[bytes]:
+    """1920x1080 JPEGs that look like shelves: rows of coloured boxes, texture noise."""
+    frames = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        img = Image.new("RGB", (1920, 1080), (225, 225, 220))
+        draw = ImageDraw.Draw(img)
+        for row in range(4):
+            y = 40 + row * 260
+            x = 20
+            while x < 1880:
+                w = int(rng.integers(80, 220))
+                draw.rectangle([x, y, x + w, y + 220], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+                x += w + int(rng.integers(5, 20))
+        noisy = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, (1080, 1920, 3))
+        buf = __import__("io").BytesIO()
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        frames.append(buf.getvalue())
+    return frames
+
+
+def model_alone(model: str, photos: list[bytes], batches: int = 6) -> float:
+    embedder = Embedder(load_backbone(model, weights="none"), "cpu")
+    pixels = torch.stack([to_tensor(decode(photos[i % len(photos)], embedder.input_size).image) for i in range(BATCH)])
+    embedder.embed(pixels)  # warm-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        embedder.embed(pixels)
+    return batches * BATCH / (time.perf_counter() - start)
+
+
+async def create(bootstrap: str, *topics: str, partitions: int = 3) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+    finally:
+        await admin.close()
+
+
+async def send(bootstrap: str, topic: str, photos: list[bytes], n: int, rate: float | None = None) -> None:
+    """n photos, as fast as possible or paced at ``rate`` per second (open loop)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024, linger_ms=5)
+    await producer.start()
+    try:
+        start = time.monotonic()
+        futures = []
+        for i in range(n):
+            if rate:
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing the offered load
+            futures.append(await producer.send(topic, photos[i % len(photos)], key=f"cam-{i % 8}".encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def collect(bootstrap: str, topic: str, n: int, timeout_s: float = 900) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    records = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(records)}/{n} events on {topic}")
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(recs)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def rate_of(records: list) -> float:
+    stamps = sorted(r.timestamp for r in records)
+    return (len(stamps) - 1) / max((stamps[-1] - stamps[0]) / 1000, 1e-3)
+
+
+class Service:
+    def __init__(self, bootstrap: str, catalog: Path, topic: str, out: str, group: str) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {**os.environ, "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "SHELFMATCH_CATALOG": str(catalog),
+               "SHELFMATCH_INPUT_TOPIC": topic, "SHELFMATCH_OUTPUT_TOPIC": out, "SHELFMATCH_DLQ_TOPIC": out + ".dlq",
+               "SHELFMATCH_GROUP_ID": group, "SHELFMATCH_METRICS_HOST": "127.0.0.1",
+               "SHELFMATCH_METRICS_PORT": str(self.port), "SHELFMATCH_DEVICE": "cpu",
+               "SHELFMATCH_BATCH_SIZE": str(BATCH), "SHELFMATCH_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env, cwd=ROOT)
+        self.peak_rss = 0
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("service not ready")
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, psutil.Process(self.proc.pid).memory_info().rss)
+
+    def batch_service_s(self) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
+
+        def value(name: str) -> float:
+            line = next(l for l in text.splitlines() if l.startswith(name))
+            return float(line.split()[-1])
+
+        total = sum(value(f'shelfmatch_stage_latency_seconds_sum{{stage="{s}"}}') for s in ("embed", "match"))
+        return total / max(value('shelfmatch_stage_latency_seconds_count{stage="embed"}'), 1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+async def watch(service: Service, task: asyncio.Task) -> list:
+    while not task.done():
+        service.sample()
+        await asyncio.wait({task}, timeout=0.25)
+    return task.result()
+
+
+def bench(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> dict:
+    run = f"{model}-{size}-{os.urandom(3).hex()}"
+    catalog = OUT / f"catalog-{model}.safetensors"
+    if not catalog.exists():
+        build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=model,
+                      weights="none", device="cpu", progress=False).save(catalog)
+    result = {"model": model, "size": size, "batch_size": BATCH, "photo_bytes": int(np.mean([len(p) for p in photos]))}
+    result["model_alone_img_s"] = model_alone(model, photos)
+    print(f"[{run}] model alone: {result['model_alone_img_s']:.1f} img/s", flush=True)
+
+    # Maximum: drain a backlog.
+    topic, out = f"bench.in.{run}", f"bench.out.{run}"
+    asyncio.run(create(bootstrap, topic, out, out + ".dlq"))
+    asyncio.run(send(bootstrap, topic, photos, args.photos))
+    service = Service(bootstrap, catalog, topic, out, f"g-{run}")
+
+    async def drain():
+        return await watch(service, asyncio.create_task(collect(bootstrap, out, args.photos)))
+
+    result["service_img_s"] = rate_of(asyncio.run(drain()))
+    result["batch_service_s"] = service.batch_service_s()
+    result["service_peak_rss_mb"] = service.peak_rss / 1e6
+    print(f"[{run}] service max: {result['service_img_s']:.1f} img/s", flush=True)
+
+    # Latency at offered loads, on the same service (fresh offsets for each phase).
+    result["loads"] = []
+    for fraction in args.loads:
+        rate = fraction * result["service_img_s"]
+        n = max(BATCH, int(rate * args.load_seconds))
+        start_count = args.photos + sum(l["photos"] for l in result["loads"])
+
+        async def phase():
+            consume = asyncio.create_task(collect(bootstrap, out, start_count + n))
+            await send(bootstrap, topic, photos, n, rate=rate)
+            return await watch(service, consume)
+
+        records = asyncio.run(phase())[start_count:]
+        lat = []
+        for r in records:
+            event = json.loads(r.value)
+            lat.append(r.timestamp - event["source"]["timestamp_ms"])
+        lat = np.array(lat)
+        result["loads"].append({"fraction": fraction, "offered_img_s": rate, "photos": n,
+                                "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                                "p99_ms": float(np.percentile(lat, 99))})
+        print(f"[{run}] load {fraction:.0%}: p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms",
+              flush=True)
+    result["service_peak_rss_mb"] = service.peak_rss / 1e6
+    service.stop()
+
+    # Naive reference consumer on its own backlog.
+    ntopic, nout = f"bench.naive.{run}", f"bench.naive.out.{run}"
+    asyncio.run(create(bootstrap, ntopic, nout))
+    asyncio.run(send(bootstrap, ntopic, photos, args.naive_photos))
+    naive = subprocess.Popen([sys.executable, str(ROOT / "bench" / "naive_consumer.py"), "--bootstrap", bootstrap,
+                              "--input", ntopic, "--output", nout, "--group", f"naive-{run}", "--catalog", str(catalog),
+                              "--count", str(args.naive_photos)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    result["naive_img_s"] = rate_of(asyncio.run(collect(bootstrap, nout, args.naive_photos)))
+    naive.wait(120)
+    print(f"[{run}] naive: {result['naive_img_s']:.1f} img/s", flush=True)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="efficientnet_lite0,resnet18")
+    p.add_argument("--sizes", default="store,fullhd")
+    p.add_argument("--photos", type=int, default=320, help="backlog drained for the maximum")
+    p.add_argument("--naive-photos", type=int, default=64)
+    p.add_argument("--loads", default="0.25,0.5,0.75,1.0")
+    p.add_argument("--load-seconds", type=float, default=15)
+    args = p.parse_args()
+    args.loads = [float(x) for x in args.loads.split(",")]
+    OUT.mkdir(parents=True, exist_ok=True)
+    bootstrap = os.environ.get("SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS")
+    env = {**os.environ, "SHELFMATCH_KAFKA_STATE": str(ROOT / ".cache" / "kafka" / "bench.json")}
+    started = not bootstrap
+    if started:
+        out = subprocess.run([str(ROOT / "scripts" / "kafka-local"), "start"], env=env, check=True,
+                             stdout=subprocess.PIPE, text=True)
+        bootstrap = out.stdout.strip().splitlines()[-1]
+    sizes = {"store": store_photos, "fullhd": shelf_frames}
+    results = []
+    try:
+        for size in args.sizes.split(","):
+            photos = sizes[size]()
+            for model in args.models.split(","):
+                results.append(bench(bootstrap, model, size, photos, args))
+    finally:
+        if started:
+            subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop"], env=env, check=False)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"),
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=ROOT).stdout.strip()}
+    (OUT / "e2e.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    print(f"wrote {OUT / 'e2e.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

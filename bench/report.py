@@ -65,6 +65,15 @@ def main() -> int:
     if (OUT / "e2e.json").exists():
         lines += e2e_section(json.loads((OUT / "e2e.json").read_text()))
         found = True
+    if (OUT / "delivery.json").exists():
+        d = json.loads((OUT / "delivery.json").read_text())
+        lines += ["## Cost of exactly-once (`bench/delivery.py`)", "",
+                  f"The same backlog of {d['photos']} store photos drained once per mode ({d['model']}, batch "
+                  f"{d['batch_size']}, {d['date']}): at-least-once {d['photos_s']['at-least-once']:.1f} photos/s, "
+                  f"exactly-once {d['photos_s']['exactly-once']:.1f} photos/s "
+                  f"({d['exactly_once_vs_at_least_once']:.0%} of at-least-once). Exactly-once commits one transaction "
+                  "per input partition and batch, sequentially.", ""]
+        found = True
     if (OUT / "seed.json").exists():
         lines += seed_section(json.loads((OUT / "seed.json").read_text()))
         found = True

@@ -87,14 +87,25 @@ async def test_one_event_per_photo_with_ids_keys_headers_and_filled_metrics(brok
 
 
 async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(broker, topics, service):
+    """Every poison class of the reliability matrix, interleaved with valid photos and valid oddities."""
+    import psutil
+
     shelf = P.photo(P.store_photos()[0][0])
-    poison = {
-        "empty": b"",
-        "unsupported-format": P.random_bytes(),
-        "corrupt-image": P.truncated_jpeg(shelf),
-        "decompression-bomb": P.png_bomb(),
-        "too-large": P.oversized(600_000),
-    }
+    poison = [
+        ("empty", b"", []),
+        ("unsupported-format", P.random_bytes(), []),
+        ("corrupt-image", P.truncated_jpeg(shelf), []),
+        ("corrupt-image", P.corrupt_body_jpeg(shelf), []),
+        ("decompression-bomb", P.png_bomb(), []),
+        ("decompression-bomb", P.png_bomb(9_000, 9_000), []),
+        ("unsupported-format", P.tiff(shelf), []),
+        ("unsupported-format", P.gif(shelf), []),
+        ("unsupported-format", P.eps_header(), []),
+        ("unsupported-format", P.svg(), []),
+        ("too-large", P.oversized(600_000), []),
+        ("bad-header", P.encode(shelf, "JPEG"), [("captured-at", b"last tuesday")]),
+        ("bad-header", P.encode(shelf, "JPEG"), [("store-id", b"\xc3\x28")]),
+    ]
     oddities = [P.grayscale(shelf), P.cmyk_jpeg(shelf), P.gray16_png(shelf), P.rgba_png(shelf, 128),
                 P.palette_png(shelf), P.exif_rotated_jpeg(shelf), P.one_pixel(), P.webp(shelf)]
     good = [path.read_bytes() for path, _ in P.store_photos()[:10]]
@@ -104,20 +115,19 @@ async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(brok
         headers.append([("camera-id", f"c{i}".encode())])
         expect.append(None)
         if i < len(poison):
-            reason, bad = list(poison.items())[i]
+            reason, bad, extra = poison[i]
             values.append(bad)
-            headers.append([("camera-id", f"bad{i}".encode())])
+            headers.append([("camera-id", f"bad{i}".encode()), *extra])
             expect.append(reason)
-    values.append(good[0])  # a bad header is poison too
-    headers.append([("captured-at", b"last tuesday")])
-    expect.append("bad-header")
     sent = await produce(broker.bootstrap, topics.input, values, headers=headers)
     svc = service(SHELFMATCH_MAX_MESSAGE_BYTES="600000")
     svc.wait_ready()
+    rss_ready = psutil.Process(svc.proc.pid).memory_info().rss
 
     n_poison = sum(e is not None for e in expect)
     dead = await read_until(broker.bootstrap, topics.dlq, lambda rs: len(rs) >= n_poison)
     events = await read_until(broker.bootstrap, topics.output, distinct_ids(len(sent) - n_poison))
+    rss_after = psutil.Process(svc.proc.pid).memory_info().rss
     by_source = {}
     for r in dead:
         h = dict(r.headers)
@@ -129,7 +139,7 @@ async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(brok
         h = dict(r.headers)
         assert h["dlq-reason"].decode() == reason
         assert h["dlq-error"] and h["dlq-source-topic"].decode() == topics.input
-        assert list(r.headers)[0] == s.headers[0]  # original headers first, unchanged
+        assert list(r.headers)[: len(s.headers)] == list(s.headers)  # original headers first, unchanged
         if reason == "too-large":
             assert r.value == value[:600_000] and h["dlq-value-truncated-from"] == str(len(value)).encode()
         else:
@@ -139,9 +149,11 @@ async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(brok
     assert len(dead) == n_poison
 
     text = svc.metrics()
-    for reason in poison:
-        assert metric(text, "shelfmatch_dead_letters_total", reason=reason) == 1
+    for reason, count in Counter(e for e in expect if e).items():
+        assert metric(text, "shelfmatch_dead_letters_total", reason=reason) == count
     assert svc.proc.poll() is None  # still running
+    # Two bombs declaring 10 and 0.08 gigapixels were refused from their headers, never decoded.
+    assert rss_after - rss_ready < 300e6
 
 
 async def test_killed_consumer_resumes_from_committed_offsets_without_loss(broker, topics, service):

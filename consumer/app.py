@@ -12,7 +12,7 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.helpers import create_ssl_context
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
@@ -163,19 +163,17 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     )
     if settings.delivery == "exactly-once":
         sink = TransactionalSink(producer_kwargs, settings.group_id, metrics, health)
-        producer = None
     else:
-        producer = AIOKafkaProducer(**producer_kwargs)
-        sink = Sink(producer, consumer, metrics, health)
+        sink = Sink(producer_kwargs, consumer, metrics, health, timeout_s=settings.publish_timeout_ms / 1000)
     in_flight = InFlight(metrics)
     listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics, sink)
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
     ticker = asyncio.create_task(_tick(health, metrics, device), name="tick")
+    stopping = asyncio.create_task(stop.wait(), name="stop")
     code = 0
     try:
-        if producer is not None:
-            await producer.start()
+        await sink.start()
         await consumer.start()
         consumer.subscribe([settings.input_topic], listener=listener)
         health.consuming = True
@@ -187,7 +185,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
             decode_pool=decode_pool, model_pool=model_pool, limits=limits, batch_size=settings.batch_size,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000, in_flight=in_flight, metrics=metrics, stop=stop,
         ), name="pipeline")
-        await asyncio.wait({pipeline, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not pipeline.done():
             log.info("stopping: draining %d in-flight photos", in_flight.count)
             try:
@@ -195,6 +193,8 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
             except TimeoutError:
                 log.error("drain did not finish in %.0fs; uncommitted photos will be re-read", settings.shutdown_timeout_s)
                 pipeline.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pipeline
                 code = 1
         if pipeline.done() and not pipeline.cancelled() and pipeline.exception() is not None:
             raise pipeline.exception()
@@ -206,9 +206,10 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         metrics.ready.set(0)
         await consumer.stop()
         await sink.stop()
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
+        for task in (ticker, stopping):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         decode_pool.shutdown(wait=False, cancel_futures=True)
         model_pool.shutdown(wait=False, cancel_futures=True)
         server.shutdown()

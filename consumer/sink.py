@@ -67,16 +67,34 @@ def record_delivered(metrics: Metrics, records: list[OutRecord], acked_at: float
 
 
 class Health:
-    """What /readyz reports: set by the stages, read by the HTTP thread."""
+    """What /readyz reports: set by the stages, read by the HTTP thread; mirrored in the
+    ``shelfmatch_ready`` gauge when one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready_gauge=None) -> None:
         self.consuming = False
         self.publishing = True
         self.last_tick = time.monotonic()
+        self._gauge = ready_gauge
 
     @property
     def ready(self) -> bool:
         return self.consuming and self.publishing
+
+    def set(self, *, consuming: bool | None = None, publishing: bool | None = None) -> None:
+        if consuming is not None:
+            self.consuming = consuming
+        if publishing is not None:
+            self.publishing = publishing
+        if self._gauge is not None:
+            self._gauge.set(1 if self.ready else 0)
+
+
+def degraded(health: Health, metrics: Metrics, why: str) -> None:
+    """A publish attempt failed or is stuck: offsets stay where they are, readiness drops
+    until a batch is acknowledged again."""
+    log.warning("%s; offsets held", why)
+    health.set(publishing=False)
+    metrics.publish_retries.inc()
 
 
 class Sink:
@@ -133,7 +151,7 @@ class Sink:
             done, pending = await asyncio.wait(outcome.futures, timeout=self._timeout_s)
             if pending:
                 # The producer is still retrying (broker unreachable): keep waiting, but show it.
-                self._degraded(f"{len(pending)} of {len(outcome.futures)} acknowledgements outstanding "
+                degraded(self._health, self._metrics, f"{len(pending)} of {len(outcome.futures)} acknowledgements outstanding "
                                f"after {self._timeout_s:.0f}s")
                 continue
             errors = [f.exception() for f in done if f.exception() is not None]
@@ -143,7 +161,7 @@ class Sink:
                 if not isinstance(err, KafkaError):
                     raise err
             delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-            self._degraded(f"publishing {len(outcome.records)} records failed ({type(errors[0]).__name__}: "
+            degraded(self._health, self._metrics, f"publishing {len(outcome.records)} records failed ({type(errors[0]).__name__}: "
                            f"{errors[0]}); retrying in {delay:.1f}s")
             attempt += 1
             await asyncio.sleep(delay)
@@ -153,18 +171,10 @@ class Sink:
         acked = time.time()
         if attempt or not self._health.publishing:
             log.info("publishing recovered")
-        self._health.publishing = True
-        self._metrics.ready.set(1 if self._health.ready else 0)
+        self._health.set(publishing=True)
         self._metrics.stage.labels("publish").observe(time.perf_counter() - start)
         record_delivered(self._metrics, outcome.records, acked)
         await self.commit(outcome.offsets)
-
-    def _degraded(self, why: str) -> None:
-        """Offsets stay where they are; readiness drops until a batch is acknowledged again."""
-        log.warning("%s; offsets held", why)
-        self._health.publishing = False
-        self._metrics.ready.set(0)
-        self._metrics.publish_retries.inc()
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         start = time.perf_counter()
@@ -174,8 +184,7 @@ class Sink:
             await asyncio.wait_for(self._consumer.commit(offsets), self._timeout_s)
         except TimeoutError:
             self._metrics.commit_failures.inc()
-            self._health.publishing = False
-            self._metrics.ready.set(0)
+            self._health.set(publishing=False)
             log.warning("commit of %s timed out after %.0fs; the next commit covers it", offsets, self._timeout_s)
             return
         except (CommitFailedError, IllegalStateError) as exc:

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.metrics import Metrics
-from consumer.sink import BACKOFF_S, Health, Outcome, record_delivered
+from consumer.sink import BACKOFF_S, Health, Outcome, degraded, record_delivered
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,10 @@ class TransactionalSink:
                 return
             except KafkaError as exc:
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-                log.warning("transaction for %s failed (%s: %s); retrying in %.1fs", tp, type(exc).__name__, exc, delay)
-                self._health.publishing = False
-                self._metrics.ready.set(0)
-                self._metrics.publish_retries.inc()
+                degraded(self._health, self._metrics,
+                         f"transaction for {tp} failed ({type(exc).__name__}: {exc}); retrying in {delay:.1f}s")
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
-            self._health.publishing = True
-            self._metrics.ready.set(1 if self._health.ready else 0)
+            self._health.set(publishing=True)
             return

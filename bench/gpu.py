@@ -1,148 +1,293 @@
-"""Every GPU measurement in one command (meant to finish in under 5 minutes on an H100/H200).
+"""Every GPU measurement in one command (about 5 minutes on an H100/H200).
 
-    python bench/gpu.py [--quick] [--device cuda]
+    python bench/gpu.py [--quick] [--device cuda] [--out out/bench/gpu.json]
 
-1. model alone by backbone and precision: fp32, bf16 autocast + channels_last, and the latter
-   compiled with torch.compile (mode max-autotune-no-cudagraphs is skipped for time);
-2. catalogue match: 32 photos against 10k / 100k / 1M products, fp32 and fp16, top-5;
-3. decode: Pillow (with draft, one process) vs nvJPEG (torchvision.io.decode_jpeg on CUDA,
-   batch 32) on generated 1920x1080 shelf frames;
-4. pipeline fed from memory (no broker): decode pool -> embed (ResNet-50) -> match, photos/s.
+All timings run the service's own classes (Embedder, Matcher, JpegBatchDecoder, and the
+pipeline's stage functions), so what is measured is what ships:
 
-Writes out/bench/gpu.json with the card's name. `--device cpu --quick` exercises the code paths
-on a machine without a GPU (numbers then mean nothing for the GPU targets).
+1. model alone on pre-decoded uint8 batches of 32, per backbone: fp32 eager, bf16 eager
+   (channels-last), bf16 CUDA graph (the service's default on a GPU), and for ResNet-50 also
+   bf16 ``torch.compile`` (its compile time reported; run last, as it takes the longest);
+2. catalogue match: 32 photos against 10k / 100k / 1M products (fp16 on the device), top-5,
+   the Matcher's full call and the matrix product + top-k alone;
+3. decode of 1920x1080 shelf frames to 224x224: Pillow with draft on 1 and N threads, against
+   the batched device decoder (nvJPEG), batch 32;
+4. the pipeline fed from memory (no broker): header checks in the decode pool, batching, the
+   device decode stage, embedding and matching (ResNet-50, 1M products), MatchEvent JSON for
+   every photo, with nvJPEG and with Pillow;
+5. parity: ImageNet EfficientNet-Lite0 on the demo photos, the catalogue path (Pillow, fp32)
+   against the service's GPU path (nvJPEG, bf16, CUDA graph): cosine of the embeddings and
+   agreement of the top-1 product.
+
+ResNet timings use untrained weights (throughput does not depend on the values; nothing is
+downloaded). Results are written after each section, so a run cut short keeps what it measured.
+``--device cpu --quick`` exercises the code paths on a machine without a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.e2e import shelf_frames  # noqa: E402
+from catalog.build import build_catalog, references_from_folder  # noqa: E402
 from catalog.embedder import Embedder, resolve_device  # noqa: E402
+from catalog.jpeg_batch import JpegBatchDecoder  # noqa: E402
+from catalog.matcher import Matcher  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
-from catalog.preprocess import DecodeLimits, decode, to_tensor  # noqa: E402
+from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor  # noqa: E402
+from catalog.store import Catalog  # noqa: E402
+
+BATCH = 32
+MODES = [("fp32", "eager"), ("bf16", "eager"), ("bf16", "cuda-graph")]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:
+    """Seconds per call, after one untimed call."""
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - start) / repeat
 
 
-def models(device: torch.device, names: list[str], repeat: int, compile_: bool) -> list[dict]:
+def models(device: torch.device, names: list[str], repeat: int, modes: list[tuple[str, str]]) -> list[dict]:
     rows = []
-    x = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8, device=device)
+    x = torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8, device=device)
     for name in names:
-        backbone = load_backbone(name, weights="none").network.to(device).eval()
-        xf = (x.float() / 255)
-        modes = {"fp32": (backbone, xf, None)}
-        if device.type == "cuda":
-            cl = backbone.to(memory_format=torch.channels_last)
-            modes["bf16_cl"] = (cl, xf.to(memory_format=torch.channels_last), torch.bfloat16)
-            if compile_:
-                modes["bf16_cl_compiled"] = (torch.compile(cl, mode="max-autotune"), modes["bf16_cl"][1], torch.bfloat16)
-        for mode, (net, inp, dtype) in modes.items():
-            def step(net=net, inp=inp, dtype=dtype):
-                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    net(inp)
-            t0 = time.perf_counter()
-            seconds = timed(step, device, repeat)
-            rows.append({"model": name, "mode": mode, "ms_per_batch32": seconds * 1e3, "img_s": 32 / seconds,
-                         "first_call_s": time.perf_counter() - t0 - seconds * repeat})
-            print(f"{name:10s} {mode:18s} {seconds * 1e3:8.2f} ms/batch {32 / seconds:9.0f} img/s", flush=True)
+        backbone = load_backbone(name, weights="none")
+        for precision, execution in modes:
+            embedder = Embedder(backbone, device, precision=precision, execution=execution, batch_size=BATCH)
+            warm = embedder.warm_up()
+            seconds = timed(lambda: embedder.embed(x), device, repeat)
+            rows.append({"model": name, "precision": precision, "execution": execution, "warmup_s": warm,
+                         "ms_per_batch": seconds * 1e3, "img_s": BATCH / seconds})
+            print(f"{name:10s} {precision:5s} {execution:10s} {seconds * 1e3:8.2f} ms/batch "
+                  f"{BATCH / seconds:9.0f} img/s  (warm-up {warm:.1f}s)", flush=True)
+            del embedder
     return rows
 
 
-def matching(device: torch.device, sizes: list[int], repeat: int) -> list[dict]:
+def random_catalog(n: int, dim: int, device: torch.device) -> Catalog:
+    """A catalogue of ``n`` random unit vectors, one per product (built on the device: fast)."""
+    gen = torch.Generator(device=device).manual_seed(n)
+    vectors = F.normalize(torch.randn(n, dim, device=device, generator=gen), dim=1).cpu().numpy()
+    backbone = load_backbone("resnet50", weights="none")
+    return Catalog(embeddings=vectors, row_sku=np.arange(n, dtype=np.int32), skus=tuple(f"sku-{i}" for i in range(n)),
+                   fingerprint=backbone.fingerprint, weights_source="none", references=())
+
+
+def matching(device: torch.device, sizes: list[int], repeat: int) -> tuple[list[dict], Matcher]:
     rows = []
-    q = torch.nn.functional.normalize(torch.randn(32, 2048, device=device), dim=1)
+    q = F.normalize(torch.randn(BATCH, 2048, device=device), dim=1)
+    matcher = None
     for n in sizes:
-        for dtype in (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,):
-            refs = torch.nn.functional.normalize(torch.randn(n, 2048, device=device), dim=1).to(dtype)
-            qd = q.to(dtype)
-            seconds = timed(lambda: torch.topk(qd @ refs.T, 5, dim=1), device, repeat)
-            rows.append({"catalog": n, "dtype": str(dtype).split(".")[-1], "ms_per_batch32": seconds * 1e3})
-            print(f"match {n:>8d} {str(dtype):14s} {seconds * 1e3:8.3f} ms", flush=True)
-            del refs
-    return rows
+        del matcher
+        matcher = Matcher(random_catalog(n, 2048, device), device=device, top_k=5)
+        full = timed(lambda: matcher.match(q), device, repeat)
+        core = timed(lambda: torch.topk(matcher.scores(q), 5, dim=1), device, repeat)
+        rows.append({"catalog": n, "dtype": str(matcher._refs.dtype).split(".")[-1], "ms_per_batch_full": full * 1e3,
+                     "ms_per_batch_matmul_topk": core * 1e3})
+        print(f"match {n:>9,d} products {rows[-1]['dtype']:8s} full {full * 1e3:7.3f} ms  matmul+top-k "
+              f"{core * 1e3:7.3f} ms", flush=True)
+    return rows, matcher
 
 
-def decoding(device: torch.device, frames: list[bytes], workers: int) -> dict:
+def decoding(device: torch.device, frames: list[bytes], workers: int, repeat: int) -> dict:
+    size = (224, 224)
+    one = lambda f: decode(f, size, DecodeLimits())  # noqa: E731
     start = time.perf_counter()
     for f in frames:
-        decode(f, (224, 224), DecodeLimits())
-    pillow = len(frames) / (time.perf_counter() - start)
+        one(f)
+    result = {"frame": "1920x1080 JPEG", "frame_bytes": int(np.mean([len(f) for f in frames])),
+              "pillow_draft_1_thread_img_s": len(frames) / (time.perf_counter() - start)}
     with ThreadPoolExecutor(workers) as pool:
         start = time.perf_counter()
-        list(pool.map(lambda f: decode(f, (224, 224), DecodeLimits()), frames * 4))
-        pool_rate = len(frames) * 4 / (time.perf_counter() - start)
-    result = {"pillow_draft_1thread_img_s": pillow, f"pillow_draft_{workers}threads_img_s": pool_rate}
-    if device.type == "cuda":
-        from torchvision.io import decode_jpeg
-
-        data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in (frames * 3)[:32]]
-        seconds = timed(lambda: decode_jpeg(data, device=device), device, 5)
-        result["nvjpeg_batch32_img_s"] = 32 / seconds
+        list(pool.map(one, frames * 4))
+        result[f"pillow_draft_{workers}_threads_img_s"] = len(frames) * 4 / (time.perf_counter() - start)
+    decoder = JpegBatchDecoder(device)
+    batch = [probe_plain_jpeg(f) for f in (frames * (BATCH // len(frames) + 1))[:BATCH]]
+    seconds = timed(lambda: decoder(batch, size), device, repeat)
+    result["batched_device_decoder_img_s"] = BATCH / seconds
+    result["batched_device_decoder"] = "nvJPEG" if device.type == "cuda" else "libjpeg (CPU)"
     print(json.dumps(result), flush=True)
     return result
 
 
-def pipeline(device: torch.device, frames: list[bytes], workers: int, batches: int) -> dict:
-    embedder = Embedder(load_backbone("resnet50", weights="none"), device)
-    refs = torch.nn.functional.normalize(torch.randn(100_000, 2048, device=device), dim=1)
-    if device.type == "cuda":
-        refs = refs.half()
-    inputs = (frames * (batches * 32 // len(frames) + 1))[: batches * 32]
-    with ThreadPoolExecutor(workers) as pool:
-        start = time.perf_counter()
-        futures = [pool.submit(lambda f: to_tensor(decode(f, (224, 224)).image), f) for f in inputs]
-        for b in range(batches):
-            pixels = torch.stack([fu.result() for fu in futures[b * 32 : (b + 1) * 32]])
-            vectors = embedder.embed(pixels)
-            torch.topk(vectors.to(refs.dtype) @ refs.T, 5, dim=1).indices.cpu()
-        seconds = time.perf_counter() - start
-    result = {"photos": len(inputs), "img_s": len(inputs) / seconds, "model": "resnet50", "catalog": 100_000}
-    print(json.dumps(result), flush=True)
+async def _feed_pipeline(model, frames: list[bytes], photos: int, workers: int, device_jpeg: bool) -> float:
+    """Photos/s through the service's stages from decode to MatchEvent, records from memory."""
+    from aiokafka.structs import ConsumerRecord
+    from prometheus_client import CollectorRegistry
+
+    from consumer.batcher import batches
+    from consumer.metrics import Metrics
+    from consumer.pipeline import Topics, finish_decoding, process
+    from consumer.source import END, Received, inspect
+
+    loop = asyncio.get_running_loop()
+    limits = DecodeLimits()
+    size = model.embedder.input_size
+    metrics = Metrics(CollectorRegistry())
+    fetched, batched, ready, processed = (asyncio.Queue(maxsize=m) for m in (2 * BATCH, 2, 1, 2))
+    decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+    device_pool = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
+    await loop.run_in_executor(model_pool, model.embedder.warm_up)
+
+    async def feed() -> None:
+        for i in range(photos):
+            record = ConsumerRecord("bench", 0, i, int(time.time() * 1000), 0, b"k", frames[i % len(frames)], None,
+                                    1, len(frames[i % len(frames)]), [("camera-id", b"c1")])
+            future = loop.run_in_executor(decode_pool, inspect, record, size, limits, device_jpeg)
+            await fetched.put(Received(record=record, arrived=time.monotonic(), decoded=future))
+        await fetched.put(END)
+
+    async def drain() -> int:
+        n = 0
+        while (outcome := await processed.get()) is not END:
+            n += sum(r.verdict is not None for r in outcome.records)
+        return n
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(feed())
+        tg.create_task(batches(fetched, batched, max_size=BATCH, max_wait_s=0.05))
+        tg.create_task(finish_decoding(batched, ready, model=model, device_pool=device_pool, limits=limits))
+        tg.create_task(process(ready, processed, model=model, model_pool=model_pool,
+                               topics=Topics("out", "dlq"), metrics=metrics, max_dead_letter_bytes=limits.max_bytes))
+        events = tg.create_task(drain())
+    seconds = time.perf_counter() - start
+    for pool in (decode_pool, model_pool, device_pool):
+        pool.shutdown()
+    assert events.result() == photos, f"{events.result()} events for {photos} photos"
+    return photos / seconds
+
+
+def pipeline(device: torch.device, matcher: Matcher, frames: list[bytes], workers: int, photos: int) -> list[dict]:
+    from consumer.pipeline import Model
+
+    backbone = load_backbone("resnet50", weights="none")
+    rows = []
+    for decoder in ("device", "pillow"):
+        embedder = Embedder(backbone, device, precision="auto", execution="auto", batch_size=BATCH)
+        jpeg = JpegBatchDecoder(device) if decoder == "device" else None
+        model = Model(embedder, matcher, random_catalog(1, 2048, device), jpeg)
+        rate = asyncio.run(_feed_pipeline(model, frames, photos, workers, device_jpeg=jpeg is not None))
+        rows.append({"model": "resnet50", "precision": embedder.precision, "execution": embedder.execution,
+                     "jpeg_decoder": decoder, "catalog": len(matcher.skus), "photos": photos, "img_s": rate})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def parity(device: torch.device) -> dict:
+    """The catalogue's path against the service's fast path, on real photos with real weights."""
+    from tests import photos as P
+
+    catalog = build_catalog(references_from_folder(P.REFERENCES), model="efficientnet_lite0", device=str(device),
+                            progress=False)
+    backbone = load_backbone("efficientnet_lite0", weights="imagenet")
+    slow = Embedder(backbone, device, precision="fp32", execution="eager")
+    fast = Embedder(backbone, device, precision="auto", execution="auto", batch_size=BATCH)
+    decoder = JpegBatchDecoder(device)
+    matcher = Matcher(catalog, device=device)
+    result = {}
+    for kind, transform in (("store photos 348x348", lambda b: b), ("upscaled to 1920x1080", _to_frame)):
+        truth, slow_px, fast_px = [], [], []
+        for path, sku in P.store_photos():
+            data = transform(path.read_bytes())
+            truth.append(sku)
+            slow_px.append(to_tensor(decode(data, (224, 224)).image))
+            fast_px.append(decoder([probe_plain_jpeg(data)], (224, 224))[0])
+        a = slow.embed(torch.stack(slow_px))
+        b = fast.embed(torch.stack([p.to(device) for p in fast_px]))
+        cos = F.cosine_similarity(a, b).cpu()
+        top_a = [m.best[0] for m in matcher.match(a)]
+        top_b = [m.best[0] for m in matcher.match(b)]
+        result[kind] = {
+            "photos": len(truth), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+            "top1_agree": sum(x == y for x, y in zip(top_a, top_b)) / len(truth),
+            "top1_correct_catalogue_path": sum(x == t for x, t in zip(top_a, truth)) / len(truth),
+            "top1_correct_service_path": sum(x == t for x, t in zip(top_b, truth)) / len(truth),
+            "service_path": f"{'nvJPEG' if device.type == 'cuda' else 'libjpeg'} + {fast.describe()}",
+        }
+        print(kind, json.dumps(result[kind]), flush=True)
     return result
+
+
+def _to_frame(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").resize((1920, 1080), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: check the code paths, not the speed")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "gpu.json")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: models,compile,match,decode,pipeline,parity")
     a = p.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
     device = resolve_device(a.device)
+    torch.backends.cudnn.benchmark = True
     quick = a.quick
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    out: dict = {"device": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "cpus": os.cpu_count(), "batch": BATCH, "weights": "untrained ResNets for timing; ImageNet EfficientNet-Lite0 for parity"}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(key: str, value) -> None:
+        out[key] = value
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    started = time.perf_counter()
     frames = shelf_frames(4 if quick else 32)
-    out = {
-        "device": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "models": models(device, ["resnet18"] if quick else ["resnet18", "resnet50", "resnet101", "resnet152"],
-                         2 if quick else 20, compile_=not quick),
-        "match": matching(device, [1000] if quick else [10_000, 100_000, 1_000_000], 3 if quick else 50),
-        "decode": decoding(device, frames, a.workers),
-        "pipeline": pipeline(device, frames, a.workers, 2 if quick else 60),
-    }
-    dest = ROOT / "out" / "bench"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "gpu.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {dest / 'gpu.json'} ({card})")
+    repeat = 2 if quick else 30
+    if "models" not in skip:
+        modes = [m for m in MODES if device.type == "cuda" or m[1] != "cuda-graph"]
+        names = ["resnet18"] if quick else ["resnet18", "resnet50", "resnet101", "resnet152"]
+        save("models", models(device, names, repeat, modes))
+    matcher = None
+    if "match" not in skip:
+        rows, matcher = matching(device, [1000] if quick else [10_000, 100_000, 1_000_000], 3 if quick else 50)
+        save("match", rows)
+    if "decode" not in skip:
+        save("decode", decoding(device, frames, a.workers, 2 if quick else 10))
+    if "pipeline" not in skip:
+        matcher = matcher or Matcher(random_catalog(1000, 2048, device), device=device)
+        save("pipeline", pipeline(device, matcher, frames, a.workers, 64 if quick else 6400))
+    del matcher
+    if "parity" not in skip:
+        save("parity", parity(device))
+    if "compile" not in skip and not quick:  # last: compiling takes the longest and matters least
+        save("models", out.get("models", []) + models(device, ["resnet50"], repeat, [("bf16", "compile")]))
+    save("seconds", time.perf_counter() - started)
+    print(f"wrote {a.out} ({card}) in {out['seconds']:.0f}s")
     return 0
 
 

@@ -73,12 +73,8 @@ class DecodeLimits:
     formats: tuple[str, ...] = field(default=("JPEG", "PNG", "WEBP"))
 
 
-def decode(data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimits()) -> Decoded:
-    """Decode ``data`` into an upright RGB image resized to ``size`` (width, height).
-
-    Raises :class:`ImageRejected` with a :class:`RejectReason` code for anything unusable.
-    Valid oddities (grayscale, CMYK, palette, alpha, 16-bit, EXIF rotation) are converted.
-    """
+def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, str]:
+    """Every check that needs no pixels: bytes, signature, declared format, header, pixel count."""
     if not data:
         raise ImageRejected(RejectReason.EMPTY.value, "message value is empty")
     if len(data) > limits.max_bytes:
@@ -105,6 +101,17 @@ def decode(data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimi
             RejectReason.DECOMPRESSION_BOMB.value,
             f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}",
         )
+    return img, sniffed
+
+
+def decode(data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Decode ``data`` into an upright RGB image resized to ``size`` (width, height).
+
+    Raises :class:`ImageRejected` with a :class:`RejectReason` code for anything unusable.
+    Valid oddities (grayscale, CMYK, palette, alpha, 16-bit, EXIF rotation) are converted.
+    """
+    img, sniffed = _open(data, limits)
+    width, height = img.size
     try:
         if img.format == "JPEG":
             # Let libjpeg downscale by 1/2, 1/4 or 1/8 while staying at least `size` in both
@@ -122,6 +129,37 @@ def decode(data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimi
         raise ImageRejected(RejectReason.DECOMPRESSION_BOMB.value, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(RejectReason.CORRUPT_IMAGE.value, f"{sniffed} body undecodable: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class PlainJpeg:
+    """A JPEG that passed every header check and needs nothing but decoding and resizing, so
+    it can go to a batched hardware decoder (nvJPEG) instead of Pillow."""
+
+    data: bytes
+    width: int
+    height: int
+
+
+def probe_plain_jpeg(data: bytes, limits: DecodeLimits = DecodeLimits()) -> PlainJpeg | None:
+    """The header checks of :func:`decode` without decoding pixels.
+
+    Returns a :class:`PlainJpeg` for a baseline-compatible RGB or grayscale JPEG that is upright
+    (no EXIF rotation) and ends with its end-of-image marker; None for any other valid image
+    (which :func:`decode` handles). Raises :class:`ImageRejected` exactly as :func:`decode` does
+    for anything its header checks refuse.
+    """
+    img, _ = _open(data, limits)
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    if img.info.get("progressive") or img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        return None
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # truncated: let Pillow judge it
+        return None
+    return PlainJpeg(data, img.width, img.height)
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from catalog.embedder import Embedder, resolve_device
 from catalog.errors import FingerprintMismatchError
+from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Matcher
 from catalog.models import load_backbone
 from catalog.preprocess import DecodeLimits
@@ -67,9 +68,11 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Mo
     min_margin = settings.min_margin
     if min_margin is None:
         min_margin = calibration.min_margin if calibration else 0.0
-    embedder = Embedder(backbone, device)
+    embedder = Embedder(backbone, device, precision=settings.precision, execution=settings.execution,
+                        batch_size=settings.batch_size)
     matcher = Matcher(catalog, device=device, top_k=settings.top_k, threshold=threshold, min_margin=min_margin)
-    return Model(embedder, matcher, catalog)
+    on_device = settings.jpeg_decoder == "device" or (settings.jpeg_decoder == "auto" and device.type == "cuda")
+    return Model(embedder, matcher, catalog, JpegBatchDecoder(device) if on_device else None)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -122,16 +125,21 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     health = Health(metrics.ready)
     catalog = Catalog.load(settings.catalog)
     device = resolve_device(settings.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes are fixed (batch size, input size): pick the fastest kernels once
     model = load_model(settings, catalog, device)
-    log.info(
-        "catalogue %s: %d products, %s on %s, threshold %.3f, min margin %.3f",
-        catalog.version, len(catalog.skus), catalog.fingerprint.describe(), device,
-        model.matcher.threshold, model.matcher.min_margin,
-    )
     metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
     metrics.catalog_products.set(len(catalog.skus))
-    width, height = model.embedder.input_size
-    model(torch.zeros((settings.batch_size, 3, height, width), dtype=torch.uint8))  # warm-up
+    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+    device_pool = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
+    # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
+    warmup_s = await asyncio.get_running_loop().run_in_executor(model_pool, model.embedder.warm_up)
+    log.info(
+        "catalogue %s: %d products, %s on %s (%s, warm-up %.1fs, JPEG decoding: %s), threshold %.3f, min margin %.3f",
+        catalog.version, len(catalog.skus), catalog.fingerprint.describe(), device, model.embedder.describe(),
+        warmup_s, "device" if model.jpeg_decoder else "pillow", model.matcher.threshold, model.matcher.min_margin,
+    )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -169,8 +177,6 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         sink = Sink(producer_kwargs, consumer, metrics, health, timeout_s=settings.publish_timeout_ms / 1000)
     in_flight = InFlight(metrics)
     listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics, sink)
-    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-    model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
     ticker = asyncio.create_task(_tick(health, metrics, device), name="tick")
     stopping = asyncio.create_task(stop.wait(), name="stop")
     code = 0
@@ -183,7 +189,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         pipeline = asyncio.create_task(run_pipeline(
             consumer, sink, model=model,
             topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
-            decode_pool=decode_pool, model_pool=model_pool, limits=limits, batch_size=settings.batch_size,
+            decode_pool=decode_pool, model_pool=model_pool, device_pool=device_pool, limits=limits, batch_size=settings.batch_size,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000, in_flight=in_flight, metrics=metrics, stop=stop,
         ), name="pipeline")
         await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -210,8 +216,8 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        decode_pool.shutdown(wait=False, cancel_futures=True)
-        model_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (decode_pool, model_pool, device_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         server.shutdown()
     log.info("stopped (exit %d)", code)
     return code

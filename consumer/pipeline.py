@@ -1,4 +1,4 @@
-"""The stages wired together: fetch -> batch -> process -> publish -> settle.
+"""The stages wired together: fetch -> batch -> finish decoding -> process -> publish -> settle.
 
 Each stage is one task reading a bounded queue and writing the next, so a slow stage holds the
 ones before it back (and a backlog on the topic never grows the process's memory).
@@ -24,15 +24,17 @@ import contextlib
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from catalog.embedder import Embedder
+from catalog.errors import ImageRejected
+from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
-from catalog.preprocess import DecodeLimits
+from catalog.preprocess import DecodeLimits, decode, to_tensor
 from catalog.store import Catalog
 from consumer.batcher import batches
 from consumer.messages import (
@@ -52,18 +54,47 @@ class Topics:
 
 
 class Model:
-    """Embedding and matching of one batch, run on a single worker thread off the event loop."""
+    """The device's work on a batch: decoding plain JPEGs (when a device decoder is configured),
+    then embedding and matching. Each runs on its own single worker thread, off the event loop,
+    so the next batch decodes while this one is embedded."""
 
-    def __init__(self, embedder: Embedder, matcher: Matcher, catalog: Catalog) -> None:
+    def __init__(
+        self, embedder: Embedder, matcher: Matcher, catalog: Catalog, jpeg_decoder: JpegBatchDecoder | None = None,
+    ) -> None:
         self.embedder = embedder
         self.matcher = matcher
+        self.jpeg_decoder = jpeg_decoder
         self.catalog_ref = CatalogRef(
             version=catalog.version, model=catalog.fingerprint.backbone, weights=catalog.fingerprint.weights
         )
 
-    def __call__(self, pixels: torch.Tensor) -> tuple[list[Match], float, float]:
+    def decode_jpegs(self, decoded: list[Photo | Poison], limits: DecodeLimits) -> list[Photo | Poison]:
+        """Decode the batch's plain JPEGs together; one the device refuses is decoded by Pillow,
+        which either succeeds or gives its dead-letter reason."""
         start = time.perf_counter()
-        vectors = self.embedder.embed(pixels)
+        size = self.embedder.input_size
+        pending = [i for i, d in enumerate(decoded) if isinstance(d, Photo) and d.pixels is None]
+        assert self.jpeg_decoder is not None or not pending, "plain JPEGs left without a device decoder"
+        tensors = self.jpeg_decoder([decoded[i].jpeg for i in pending], size) if pending else []
+        spent = time.perf_counter() - start
+        out = list(decoded)
+        for i, pixels in zip(pending, tensors):
+            photo = decoded[i]
+            if pixels is None:
+                try:
+                    pixels = to_tensor(decode(photo.jpeg.data, size, limits).image)
+                except ImageRejected as exc:
+                    out[i] = Poison(reason=exc.reason, error=str(exc))
+                    continue
+            out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + spent)
+        return out
+
+    def __call__(self, images: list[torch.Tensor]) -> tuple[list[Match], float, float]:
+        """Embed and match decoded photos (uint8 (3, H, W) each, on the CPU or the device)."""
+        start = time.perf_counter()
+        if any(img.device != images[0].device for img in images):
+            images = [img.to(self.embedder.device) for img in images]
+        vectors = self.embedder.embed(torch.stack(images))
         if vectors.device.type == "cuda":
             torch.cuda.synchronize(vectors.device)
         embedded = time.perf_counter()
@@ -134,21 +165,34 @@ def build_outcome(
     return Outcome(records=records, offsets=offsets, photos=len(batch))
 
 
-async def process(
-    inq: asyncio.Queue, outq: asyncio.Queue, *, model: Model, model_pool: Executor, topics: Topics,
-    metrics: Metrics, max_dead_letter_bytes: int,
+async def finish_decoding(
+    inq: asyncio.Queue, outq: asyncio.Queue, *, model: Model, device_pool: Executor, limits: DecodeLimits,
 ) -> None:
-    """Stage 3: wait for the batch's decodes, embed and match the good photos in one go."""
+    """Stage 3: wait for the batch's decodes; decode its plain JPEGs together on the device."""
     loop = asyncio.get_running_loop()
     while (batch := await inq.get()) is not END:
         closed = time.monotonic()
         decoded = await asyncio.gather(*(r.decoded for r in batch))
+        if any(isinstance(d, Photo) and d.pixels is None for d in decoded):
+            decoded = await loop.run_in_executor(device_pool, model.decode_jpegs, decoded, limits)
+        await outq.put((batch, decoded, closed))
+    await outq.put(END)
+
+
+async def process(
+    inq: asyncio.Queue, outq: asyncio.Queue, *, model: Model, model_pool: Executor, topics: Topics,
+    metrics: Metrics, max_dead_letter_bytes: int,
+) -> None:
+    """Stage 4: embed and match the good photos of a batch in one go."""
+    loop = asyncio.get_running_loop()
+    while (item := await inq.get()) is not END:
+        batch, decoded, closed = item
         photos = [d for d in decoded if isinstance(d, Photo)]
         matches: list[Match] = []
         embed_s = match_s = 0.0
         if photos:
-            pixels = torch.stack([p.pixels for p in photos])
-            matches, embed_s, match_s = await loop.run_in_executor(model_pool, model, pixels)
+            images = [p.pixels for p in photos]
+            matches, embed_s, match_s = await loop.run_in_executor(model_pool, model, images)
             metrics.stage.labels("embed").observe(embed_s)
             metrics.stage.labels("match").observe(match_s)
         metrics.batch_size.observe(len(batch))
@@ -194,23 +238,27 @@ class DrainOnRevoke(ConsumerRebalanceListener):
 
 async def run_pipeline(
     consumer: AIOKafkaConsumer, sink: Sink, *, model: Model, topics: Topics, decode_pool: Executor,
-    model_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
+    model_pool: Executor, device_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
     in_flight: InFlight, metrics: Metrics, stop: asyncio.Event,
 ) -> None:
     """Run every stage until ``stop`` is set and the last fetched batch is committed."""
     size = model.embedder.input_size
     fetched: asyncio.Queue = asyncio.Queue(maxsize=2 * batch_size)
     batched: asyncio.Queue = asyncio.Queue(maxsize=2)
+    ready: asyncio.Queue = asyncio.Queue(maxsize=1)
     processed: asyncio.Queue = asyncio.Queue(maxsize=2)
     sent: asyncio.Queue = asyncio.Queue(maxsize=4)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(fetch(
             consumer, fetched, pool=decode_pool, size=size, limits=limits, stop=stop,
             in_flight=in_flight, metrics=metrics, max_records=batch_size,
+            device_jpeg=model.jpeg_decoder is not None,
         ), name="fetch")
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")
+        tg.create_task(finish_decoding(batched, ready, model=model, device_pool=device_pool, limits=limits),
+                       name="finish-decoding")
         tg.create_task(process(
-            batched, processed, model=model, model_pool=model_pool, topics=topics, metrics=metrics,
+            ready, processed, model=model, model_pool=model_pool, topics=topics, metrics=metrics,
             max_dead_letter_bytes=limits.max_bytes,
         ), name="process")
         tg.create_task(publish(processed, sent, sink), name="publish")

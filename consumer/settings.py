@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     min_margin: float | None = Field(None, ge=0.0, le=2.0, description="least gap between best and second product; default: calibration, else 0.0")
     top_k: int = Field(5, ge=1, le=100, description="candidates per event")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16")
+    execution: Literal["auto", "eager", "cuda-graph", "compile"] = Field(
+        "auto", description="auto (cuda-graph on a GPU, eager on a CPU) | eager | cuda-graph | compile (torch.compile at start)")
+    jpeg_decoder: Literal["auto", "pillow", "device"] = Field(
+        "auto", description="auto (device = nvJPEG on a GPU, pillow on a CPU) | pillow | device")
 
     # Batching and input limits
     batch_size: int = Field(32, ge=1, le=1024, description="photos per micro-batch")

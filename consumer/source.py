@@ -16,7 +16,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from catalog.errors import ImageRejected
-from catalog.preprocess import DecodeLimits, decode, to_tensor
+from catalog.preprocess import DecodeLimits, PlainJpeg, decode, probe_plain_jpeg, to_tensor
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
 
@@ -29,11 +29,12 @@ END = None  # put on a queue after the last item: the next stage flushes and sto
 class Photo:
     """A decodable photo: model input plus what the producer said about it."""
 
-    pixels: torch.Tensor  # uint8 (3, H, W) at the model's input size
+    pixels: torch.Tensor | None  # uint8 (3, H, W) at the model's input size; None until `jpeg` is decoded
     fields: dict  # key, camera_id, store_id, shelf_id, captured_at, content_type
     width: int
     height: int
     decode_s: float
+    jpeg: PlainJpeg | None = None  # checked, left for the batched device decoder
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,20 @@ class Received:
     decoded: asyncio.Future = field(repr=False)  # -> Photo | Poison
 
 
-def inspect(record: ConsumerRecord, size: tuple[int, int], limits: DecodeLimits) -> Photo | Poison:
-    """Decode one record (runs in the decode pool). Never raises for bad input."""
+def inspect(
+    record: ConsumerRecord, size: tuple[int, int], limits: DecodeLimits, device_jpeg: bool = False,
+) -> Photo | Poison:
+    """Decode one record (runs in the decode pool). Never raises for bad input.
+
+    With ``device_jpeg`` a plain JPEG only has its headers checked here; its pixels are decoded
+    later with the rest of its batch on the model's device (see :mod:`catalog.jpeg_batch`).
+    """
     start = time.perf_counter()
     try:
         fields = parse_headers(record.key, record.headers)
+        if device_jpeg and (jpeg := probe_plain_jpeg(record.value or b"", limits)) is not None:
+            return Photo(pixels=None, fields=fields, width=jpeg.width, height=jpeg.height,
+                         decode_s=time.perf_counter() - start, jpeg=jpeg)
         decoded = decode(record.value or b"", size, limits)
     except ImageRejected as exc:
         return Poison(reason=exc.reason, error=str(exc))
@@ -108,6 +118,7 @@ async def fetch(
     in_flight: InFlight,
     metrics: Metrics,
     max_records: int,
+    device_jpeg: bool = False,
 ) -> None:
     """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once.
 
@@ -125,7 +136,7 @@ async def fetch(
         fetched = await consumer.getmany(timeout_ms=100, max_records=max(1, min(max_records, free)))
         for tp, records in fetched.items():
             for record in records:
-                future = loop.run_in_executor(pool, inspect, record, size, limits)
+                future = loop.run_in_executor(pool, inspect, record, size, limits, device_jpeg)
                 in_flight.add(1)
                 await out.put(Received(record=record, arrived=time.monotonic(), decoded=future))
             highwater = consumer.highwater(tp)

@@ -86,8 +86,12 @@ async def test_one_event_per_photo_with_ids_keys_headers_and_filled_metrics(brok
     assert "shelfmatch_consumer_lag_records{" in text
 
 
-async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(broker, topics, service):
-    """Every poison class of the reliability matrix, interleaved with valid photos and valid oddities."""
+@pytest.mark.parametrize("jpeg_decoder", ["pillow", "device"])
+async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(broker, topics, service, jpeg_decoder):
+    """Every poison class of the reliability matrix, interleaved with valid photos and valid oddities.
+
+    With the batched device decoder (nvJPEG on a GPU; torchvision's libjpeg here) plain JPEGs take
+    the batch path and every verdict must stay the same."""
     import psutil
 
     shelf = P.photo(P.store_photos()[0][0])
@@ -120,7 +124,7 @@ async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(brok
             headers.append([("camera-id", f"bad{i}".encode()), *extra])
             expect.append(reason)
     sent = await produce(broker.bootstrap, topics.input, values, headers=headers)
-    svc = service(SHELFMATCH_MAX_MESSAGE_BYTES="600000")
+    svc = service(SHELFMATCH_MAX_MESSAGE_BYTES="600000", SHELFMATCH_JPEG_DECODER=jpeg_decoder)
     svc.wait_ready()
     rss_ready = psutil.Process(svc.proc.pid).memory_info().rss
 

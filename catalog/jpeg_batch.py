@@ -1,0 +1,89 @@
+"""Batched JPEG decoding on the model's device: nvJPEG on a GPU, libjpeg-turbo on a CPU.
+
+Only :class:`~catalog.preprocess.PlainJpeg` photos come here: their headers passed every check
+of :func:`~catalog.preprocess.decode` and they need no colour conversion or rotation, so decoding
+and resizing are all that is left. The resize is bilinear with antialiasing, like Pillow's, so
+the model sees nearly the pixels the catalogue was built from (bench/gpu.py measures how near,
+as cosine similarity between the two paths' embeddings).
+
+A photo the hardware decoder refuses comes back as None; the caller decodes it with Pillow,
+which either succeeds or gives the dead-letter reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import defaultdict
+
+import torch
+from torch.nn import functional as F
+
+from catalog.preprocess import PlainJpeg
+
+
+class JpegBatchDecoder:
+    """Decodes lists of plain JPEGs into uint8 (3, H, W) tensors at the model's input size."""
+
+    def __init__(self, device: torch.device) -> None:
+        from torchvision.io import ImageReadMode, decode_jpeg  # imported here: only this path needs it
+
+        self.device = device
+        self._decode_jpeg = decode_jpeg
+        self._rgb = ImageReadMode.RGB
+        # Its own stream, so decoding the next batch overlaps the model running this one.
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, jpegs: list[PlainJpeg], size: tuple[int, int]) -> list[torch.Tensor | None]:
+        """Decoded, resized images in input order (None where the decoder refused one).
+
+        ``size`` is (width, height). The tensors are ready to use from any stream on return.
+        """
+        if not jpegs:
+            return []
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        with stream, torch.inference_mode():
+            images = self._decode(jpegs)
+            out = self._resize(images, jpegs, size)
+            if self._stream is not None:
+                self._stream.synchronize()
+        return out
+
+    def _decode(self, jpegs: list[PlainJpeg]) -> list[torch.Tensor | None]:
+        with warnings.catch_warnings():
+            # frombuffer on read-only bytes: the decoder only reads them. torchvision >= 0.29 also
+            # announces that its decoders move to TorchCodec; they still work, and this module is
+            # the one place to change when they go.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = [torch.frombuffer(j.data, dtype=torch.uint8) for j in jpegs]
+            try:
+                return list(self._decode_jpeg(data, mode=self._rgb, device=self.device))
+            except RuntimeError:
+                pass  # one bad image fails the whole batch call: find it
+            images: list[torch.Tensor | None] = []
+            for d in data:
+                try:
+                    images.append(self._decode_jpeg(d, mode=self._rgb, device=self.device))
+                except RuntimeError:
+                    images.append(None)
+            return images
+
+    @staticmethod
+    def _resize(
+        images: list[torch.Tensor | None], jpegs: list[PlainJpeg], size: tuple[int, int],
+    ) -> list[torch.Tensor | None]:
+        width, height = size
+        out: list[torch.Tensor | None] = [None] * len(images)
+        same_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (img, jpeg) in enumerate(zip(images, jpegs)):
+            if img is not None and tuple(img.shape) == (3, jpeg.height, jpeg.width):
+                same_shape[tuple(img.shape)].append(i)
+        for idx in same_shape.values():  # one resize call per frame size (cameras repeat theirs)
+            batch = torch.stack([images[i] for i in idx]).float()
+            if batch.shape[-2:] != (height, width):
+                batch = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True,
+                                      align_corners=False)
+            resized = batch.round_().clamp_(0, 255).to(torch.uint8)
+            for i, img in zip(idx, resized):
+                out[i] = img
+        return out

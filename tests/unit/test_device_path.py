@@ -1,0 +1,113 @@
+"""The GPU-oriented path (bf16, CUDA graphs, batched JPEG decoding), exercised wherever it can run.
+
+On a machine without a GPU the batched decoder runs torchvision's CPU libjpeg, which checks the
+same contract (pixels near Pillow's, refusals handed back, verdicts unchanged). With
+``SHELFMATCH_TEST_DEVICE=cuda`` (bench/gpu.py's device script sets it) the same tests run on the GPU.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from catalog.embedder import Embedder
+from catalog.errors import ImageRejected
+from catalog.jpeg_batch import JpegBatchDecoder
+from catalog.models import load_backbone
+from catalog.preprocess import DecodeLimits, PlainJpeg, decode, probe_plain_jpeg, to_tensor
+from tests import photos as P
+
+DEVICE = torch.device(os.environ.get("SHELFMATCH_TEST_DEVICE", "cpu"))
+SIZE = (224, 224)
+
+
+@pytest.fixture(scope="module")
+def shelf():
+    return P.photo(P.store_photos()[0][0])
+
+
+@pytest.fixture(scope="module")
+def store_jpegs() -> list[bytes]:
+    return [path.read_bytes() for path, _ in P.store_photos()[:12]]
+
+
+def pillow(data: bytes) -> torch.Tensor:
+    return to_tensor(decode(data, SIZE).image)
+
+
+def test_store_photos_are_plain_jpegs_and_decode_to_nearly_pillows_pixels(store_jpegs):
+    jpegs = [probe_plain_jpeg(d) for d in store_jpegs]
+    assert all(isinstance(j, PlainJpeg) for j in jpegs)
+    out = JpegBatchDecoder(DEVICE)(jpegs, SIZE)
+    for img, data in zip(out, store_jpegs):
+        assert img.shape == (3, 224, 224) and img.dtype == torch.uint8 and img.device.type == DEVICE.type
+        diff = (img.cpu().int() - pillow(data).int()).abs().float()
+        assert diff.mean() < 2.0  # of 255: a different IDCT/resampler, not different content
+
+
+def test_frames_of_several_sizes_in_one_batch_each_come_back_at_model_size(shelf):
+    frames = [P.encode(shelf.resize(s), "JPEG", quality=90) for s in [(640, 480), (348, 348), (640, 480), (1280, 720)]]
+    out = JpegBatchDecoder(DEVICE)([probe_plain_jpeg(f) for f in frames], SIZE)
+    assert [tuple(o.shape) for o in out] == [(3, 224, 224)] * 4
+    assert torch.equal(out[0], out[2])
+
+
+def test_a_body_the_decoder_refuses_comes_back_as_none_and_the_rest_still_decode(shelf, store_jpegs):
+    bad = P.corrupt_body_jpeg(shelf)
+    jpeg = probe_plain_jpeg(bad)
+    assert jpeg is not None  # its header is fine: only decoding can tell
+    out = JpegBatchDecoder(DEVICE)([probe_plain_jpeg(store_jpegs[0]), jpeg, probe_plain_jpeg(store_jpegs[1])], SIZE)
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    with pytest.raises(ImageRejected) as info:  # what the pipeline then does with it
+        decode(bad, SIZE)
+    assert info.value.reason == "corrupt-image"
+
+
+@pytest.mark.parametrize("make", [P.cmyk_jpeg, P.exif_rotated_jpeg, P.truncated_jpeg, P.webp,
+                                  lambda img: P.encode(img, "PNG"), lambda img: P.encode(img, "JPEG", progressive=True)],
+                         ids=["cmyk", "exif-rotated", "truncated", "webp", "png", "progressive"])
+def test_anything_but_a_plain_jpeg_is_left_to_pillow(shelf, make):
+    assert probe_plain_jpeg(make(shelf)) is None
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [(b"", "empty"), (P.random_bytes(), "unsupported-format"), (P.png_bomb(9_000, 9_000), "decompression-bomb"),
+     (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt-image")],
+    ids=["empty", "random", "bomb", "jpeg-magic-only"],
+)
+def test_the_probe_refuses_what_decode_refuses_with_the_same_reason(data, reason):
+    with pytest.raises(ImageRejected) as probe:
+        probe_plain_jpeg(data, DecodeLimits())
+    with pytest.raises(ImageRejected) as full:
+        decode(data, SIZE)
+    assert probe.value.reason == full.value.reason == reason
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("mobilenet_v3_small", weights="none")  # random weights: numerics, not quality
+
+
+def test_auto_settings_mean_fp32_eager_on_a_cpu_and_graphs_need_cuda(backbone):
+    e = Embedder(backbone, "cpu", precision="auto", execution="auto")
+    assert (e.precision, e.execution, e.fixed_batch) == ("fp32", "eager", False)
+    with pytest.raises(ValueError, match="CUDA"):
+        Embedder(backbone, "cpu", execution="cuda-graph")
+
+
+@pytest.mark.parametrize("execution", ["eager", "cuda-graph"])
+def test_bf16_and_fixed_batches_give_the_fp32_vectors_for_any_batch_length(backbone, store_jpegs, execution):
+    if execution == "cuda-graph" and DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    torch.manual_seed(0)
+    pixels = torch.stack([pillow(d) for d in store_jpegs])  # 12 photos
+    reference = Embedder(backbone, DEVICE).embed(pixels).cpu()
+    fast = Embedder(backbone, DEVICE, precision="bf16", execution=execution, batch_size=8)
+    fast.warm_up()
+    for n in (1, 5, 8, 12):  # shorter than, equal to and longer than the fixed batch
+        got = fast.embed(pixels[:n]).cpu()
+        assert got.shape == (n, reference.shape[1]) and got.dtype == torch.float32
+        assert torch.allclose(got.norm(dim=1), torch.ones(n), atol=1e-3)
+        assert F.cosine_similarity(got, reference[:n]).min() > 0.98

@@ -76,6 +76,8 @@ class Embedder:
     ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # "cuda" -> "cuda:0", so tensors' devices compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
         self.execution = ("cuda-graph" if cuda else "eager") if execution == "auto" else execution
         if self.execution == "cuda-graph" and not cuda:
@@ -148,10 +150,10 @@ class Embedder:
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unit vectors for a uint8 batch; the result stays on the embedder's device."""
-        if pixels.device != self.device:
-            if self._non_blocking:
-                pixels = pixels.pin_memory()
-            pixels = pixels.to(self.device, non_blocking=self._non_blocking)
+        if pixels.device.type == "cpu" and self._non_blocking:
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        elif pixels.device != self.device:
+            pixels = pixels.to(self.device)
         if not self.fixed_batch:
             return self._run(pixels)
         if not self._warm:

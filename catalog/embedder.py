@@ -156,8 +156,8 @@ class Embedder:
             pixels = pixels.to(self.device)
         if not self.fixed_batch:
             return self._run(pixels)
-        if not self._warm:
-            self.warm_up()
+        if not self._warm:  # capturing now could collide with the decoder's work on the device
+            raise RuntimeError(f"{self.execution} needs warm_up() before the first batch")
         chunks = [self._fixed(part) for part in pixels.split(self.batch_size)]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 

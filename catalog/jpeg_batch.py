@@ -6,8 +6,19 @@ and resizing are all that is left. The resize is bilinear with antialiasing, lik
 the model sees nearly the pixels the catalogue was built from (bench/gpu.py measures how near,
 as cosine similarity between the two paths' embeddings).
 
-A photo the hardware decoder refuses comes back as None; the caller decodes it with Pillow,
-which either succeeds or gives the dead-letter reason.
+A photo the hardware decoder refuses, or whose resize fails on the device (out of memory, a
+scale factor the kernel cannot do), comes back as None; the caller decodes it with Pillow, which
+either succeeds or gives the dead-letter reason. So no image can stop the service here.
+
+Large frames are first averaged down by the factor Pillow's ``draft`` would use
+(:func:`draft_factor`), so both paths see nearly the same pixels.
+
+Streams: decoding and resizing run on the decoder's own CUDA stream, which is synchronised before
+the call returns; so the stream is idle whenever a call starts (torchvision's nvJPEG must not
+write into memory that another stream still reads), and the results are complete for any
+stream. The caller keeps the tensors alive until the model that reads them has finished
+(``Model.__call__`` synchronises the device), so the caching allocator never hands their memory
+back to this stream while it is still being read.
 """
 from __future__ import annotations
 
@@ -19,6 +30,21 @@ import torch
 from torch.nn import functional as F
 
 from catalog.preprocess import PlainJpeg
+
+
+# Full-resolution float pixels resized in one call; bounds the memory a batch of large frames takes.
+RESIZE_CHUNK_PIXELS = 64_000_000
+
+
+def draft_factor(width: int, height: int, size: tuple[int, int]) -> int:
+    """The 1/k downscale Pillow's ``draft`` lets libjpeg do for :func:`~catalog.preprocess.decode`:
+    the largest k in 8, 4, 2 that keeps both sides at least the larger side of ``size``.
+
+    Averaging k x k blocks before the resize mimics it, so a large frame gets nearly the pixels
+    the Pillow path gives (measured: half the difference of resizing from full size), for less work.
+    """
+    side = max(size)
+    return next((k for k in (8, 4, 2) if -(-width // k) >= side and -(-height // k) >= side), 1)
 
 
 class JpegBatchDecoder:
@@ -78,12 +104,21 @@ class JpegBatchDecoder:
         for i, (img, jpeg) in enumerate(zip(images, jpegs)):
             if img is not None and tuple(img.shape) == (3, jpeg.height, jpeg.width):
                 same_shape[tuple(img.shape)].append(i)
-        for idx in same_shape.values():  # one resize call per frame size (cameras repeat theirs)
-            batch = torch.stack([images[i] for i in idx]).float()
-            if batch.shape[-2:] != (height, width):
-                batch = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True,
-                                      align_corners=False)
-            resized = batch.round_().clamp_(0, 255).to(torch.uint8)
-            for i, img in zip(idx, resized):
-                out[i] = img
+        for shape, idx in same_shape.items():  # one resize per frame size (cameras repeat theirs)
+            per_chunk = max(1, RESIZE_CHUNK_PIXELS // (shape[1] * shape[2]))
+            for start in range(0, len(idx), per_chunk):
+                chunk = idx[start : start + per_chunk]
+                try:
+                    batch = torch.stack([images[i] for i in chunk]).float()
+                    k = draft_factor(shape[2], shape[1], size)
+                    if k > 1:
+                        batch = F.avg_pool2d(batch, k, ceil_mode=True)
+                    if batch.shape[-2:] != (height, width):
+                        batch = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True,
+                                              align_corners=False)
+                    resized = batch.round_().clamp_(0, 255).to(torch.uint8)
+                except RuntimeError:  # incl. torch.OutOfMemoryError: these go to Pillow
+                    continue
+                for i, img in zip(chunk, resized):
+                    out[i] = img
         return out

@@ -141,16 +141,29 @@ class PlainJpeg:
     height: int
 
 
-def probe_plain_jpeg(data: bytes, limits: DecodeLimits = DecodeLimits()) -> PlainJpeg | None:
+# What the batched device decoder takes: it decodes at full size (no draft), so very large
+# frames are cheaper through Pillow's draft, and an antialiased resize has a largest shrink factor.
+DEVICE_MAX_PIXELS = 16_000_000
+DEVICE_MAX_SHRINK = 64
+
+
+def probe_plain_jpeg(
+    data: bytes, limits: DecodeLimits = DecodeLimits(), size: tuple[int, int] = (224, 224),
+) -> PlainJpeg | None:
     """The header checks of :func:`decode` without decoding pixels.
 
-    Returns a :class:`PlainJpeg` for a baseline-compatible RGB or grayscale JPEG that is upright
-    (no EXIF rotation) and ends with its end-of-image marker; None for any other valid image
-    (which :func:`decode` handles). Raises :class:`ImageRejected` exactly as :func:`decode` does
-    for anything its header checks refuse.
+    Returns a :class:`PlainJpeg` for a baseline RGB or grayscale JPEG that is upright (no EXIF
+    rotation), ends with its end-of-image marker, has at most ``DEVICE_MAX_PIXELS`` pixels and
+    shrinks to ``size`` by at most ``DEVICE_MAX_SHRINK`` along each side; None for any other
+    valid image (which :func:`decode` handles). Raises :class:`ImageRejected` exactly as
+    :func:`decode` does for anything its header checks refuse.
     """
     img, _ = _open(data, limits)
     if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    if img.width * img.height > DEVICE_MAX_PIXELS:
+        return None
+    if img.width > DEVICE_MAX_SHRINK * size[0] or img.height > DEVICE_MAX_SHRINK * size[1]:
         return None
     if img.info.get("progressive") or img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         return None

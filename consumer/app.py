@@ -134,7 +134,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
     device_pool = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
     # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
-    warmup_s = await asyncio.get_running_loop().run_in_executor(model_pool, model.embedder.warm_up)
+    warmup_s = await asyncio.get_running_loop().run_in_executor(model_pool, model.warm_up)
     log.info(
         "catalogue %s: %d products, %s on %s (%s, warm-up %.1fs, JPEG decoding: %s), threshold %.3f, min margin %.3f",
         catalog.version, len(catalog.skus), catalog.fingerprint.describe(), device, model.embedder.describe(),

@@ -57,6 +57,11 @@ class Metrics:
             "shelfmatch_catalog_products", "Products in the catalogue in use", registry=registry
         )
         self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
+        self.device_decode_fallbacks = Counter(
+            "shelfmatch_device_decode_fallbacks",
+            "plain JPEGs the device decoder refused or could not resize, decoded by Pillow instead",
+            registry=registry,
+        )
         self.gpu_memory = Gauge(
             "shelfmatch_gpu_memory_bytes", "CUDA memory of this process", ["kind"], registry=registry)
         for stage in STAGES:

@@ -6,7 +6,8 @@ ones before it back (and a backlog on the topic never grows the process's memory
 Shutdown order (SIGTERM, or ``stop`` set by the caller):
 
 1. stop fetching: the fetch stage finishes its current poll and puts END on its queue;
-2. drain: the batcher flushes its partial batch, the model processes it;
+2. drain: the batcher flushes its partial batch; every batch already formed is decoded (on the
+   device, for plain JPEGs with a device decoder) and processed by the model;
 3. publish: every event and dead letter of every batch fetched is sent;
 4. flush: each batch's acknowledgements are awaited (retrying on failure);
 5. commit: each batch's offsets are committed, in fetch order;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from concurrent.futures import Executor
@@ -29,12 +31,13 @@ from datetime import datetime, timezone
 
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from PIL import Image as PILImage
 
 from catalog.embedder import Embedder
 from catalog.errors import ImageRejected
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
-from catalog.preprocess import DecodeLimits, decode, to_tensor
+from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
 from catalog.store import Catalog
 from consumer.batcher import batches
 from consumer.messages import (
@@ -68,26 +71,52 @@ class Model:
             version=catalog.version, model=catalog.fingerprint.backbone, weights=catalog.fingerprint.weights
         )
 
-    def decode_jpegs(self, decoded: list[Photo | Poison], limits: DecodeLimits) -> list[Photo | Poison]:
+    def warm_up(self) -> float:
+        """Everything the first batch would otherwise pay: graph capture or compilation, cuBLAS
+        and top-k set-up for the catalogue matrix, the JPEG decoder's handles. Seconds taken."""
+        start = time.perf_counter()
+        self.embedder.warm_up()
+        width, height = self.embedder.input_size
+        example = torch.zeros((self.embedder.batch_size, 3, height, width), dtype=torch.uint8)
+        self.matcher.match(self.embedder.embed(example))
+        if self.jpeg_decoder is not None:
+            buf = io.BytesIO()
+            PILImage.new("RGB", (width, height), (128, 128, 128)).save(buf, "JPEG")
+            self.jpeg_decoder([probe_plain_jpeg(buf.getvalue(), size=(width, height))], (width, height))
+        return time.perf_counter() - start
+
+    def decode_jpegs(self, decoded: list[Photo | Poison], limits: DecodeLimits) -> tuple[list[Photo | Poison], int]:
         """Decode the batch's plain JPEGs together; one the device refuses is decoded by Pillow,
-        which either succeeds or gives its dead-letter reason."""
+        which either succeeds or gives its dead-letter reason. Returns the batch and how many
+        photos went to Pillow instead."""
         start = time.perf_counter()
         size = self.embedder.input_size
         pending = [i for i, d in enumerate(decoded) if isinstance(d, Photo) and d.pixels is None]
-        assert self.jpeg_decoder is not None or not pending, "plain JPEGs left without a device decoder"
-        tensors = self.jpeg_decoder([decoded[i].jpeg for i in pending], size) if pending else []
-        spent = time.perf_counter() - start
+        if not pending:
+            return decoded, 0
+        if self.jpeg_decoder is None:
+            raise RuntimeError("photos were left for a device decoder, but none is configured")
+        try:
+            tensors = self.jpeg_decoder([decoded[i].jpeg for i in pending], size)
+        except Exception:  # whatever the device does, the photos still get decoded
+            log.exception("device JPEG decoding failed for a batch of %d; decoding it with Pillow", len(pending))
+            tensors = [None] * len(pending)
+        share = (time.perf_counter() - start) / len(pending)
         out = list(decoded)
+        fallbacks = 0
         for i, pixels in zip(pending, tensors):
             photo = decoded[i]
             if pixels is None:
+                fallbacks += 1
+                began = time.perf_counter()
                 try:
                     pixels = to_tensor(decode(photo.jpeg.data, size, limits).image)
                 except ImageRejected as exc:
                     out[i] = Poison(reason=exc.reason, error=str(exc))
                     continue
-            out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + spent)
-        return out
+                share += time.perf_counter() - began
+            out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + share)
+        return out, fallbacks
 
     def __call__(self, images: list[torch.Tensor]) -> tuple[list[Match], float, float]:
         """Embed and match decoded photos (uint8 (3, H, W) each, on the CPU or the device)."""
@@ -167,6 +196,7 @@ def build_outcome(
 
 async def finish_decoding(
     inq: asyncio.Queue, outq: asyncio.Queue, *, model: Model, device_pool: Executor, limits: DecodeLimits,
+    metrics: Metrics,
 ) -> None:
     """Stage 3: wait for the batch's decodes; decode its plain JPEGs together on the device."""
     loop = asyncio.get_running_loop()
@@ -174,7 +204,9 @@ async def finish_decoding(
         closed = time.monotonic()
         decoded = await asyncio.gather(*(r.decoded for r in batch))
         if any(isinstance(d, Photo) and d.pixels is None for d in decoded):
-            decoded = await loop.run_in_executor(device_pool, model.decode_jpegs, decoded, limits)
+            decoded, fallbacks = await loop.run_in_executor(device_pool, model.decode_jpegs, decoded, limits)
+            if fallbacks:
+                metrics.device_decode_fallbacks.inc(fallbacks)
         await outq.put((batch, decoded, closed))
     await outq.put(END)
 
@@ -255,8 +287,9 @@ async def run_pipeline(
             device_jpeg=model.jpeg_decoder is not None,
         ), name="fetch")
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")
-        tg.create_task(finish_decoding(batched, ready, model=model, device_pool=device_pool, limits=limits),
-                       name="finish-decoding")
+        tg.create_task(finish_decoding(
+            batched, ready, model=model, device_pool=device_pool, limits=limits, metrics=metrics,
+        ), name="finish-decoding")
         tg.create_task(process(
             ready, processed, model=model, model_pool=model_pool, topics=topics, metrics=metrics,
             max_dead_letter_bytes=limits.max_bytes,

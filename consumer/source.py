@@ -63,7 +63,7 @@ def inspect(
     start = time.perf_counter()
     try:
         fields = parse_headers(record.key, record.headers)
-        if device_jpeg and (jpeg := probe_plain_jpeg(record.value or b"", limits)) is not None:
+        if device_jpeg and (jpeg := probe_plain_jpeg(record.value or b"", limits, size)) is not None:
             return Photo(pixels=None, fields=fields, width=jpeg.width, height=jpeg.height,
                          decode_s=time.perf_counter() - start, jpeg=jpeg)
         decoded = decode(record.value or b"", size, limits)

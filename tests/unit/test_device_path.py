@@ -46,11 +46,36 @@ def test_store_photos_are_plain_jpegs_and_decode_to_nearly_pillows_pixels(store_
         assert diff.mean() < 2.0  # of 255: a different IDCT/resampler, not different content
 
 
-def test_frames_of_several_sizes_in_one_batch_each_come_back_at_model_size(shelf):
-    frames = [P.encode(shelf.resize(s), "JPEG", quality=90) for s in [(640, 480), (348, 348), (640, 480), (1280, 720)]]
+def test_frames_of_several_sizes_in_one_batch_come_back_in_order_near_pillows_pixels(shelf):
+    """Grouped by size for the resize, returned in input order; larger frames are where the two
+    paths differ most (Pillow decodes them with draft, the device at full size)."""
+    store = P.photo(P.store_photos()[-1][0])  # another product: a mix-up would show
+    sizes = [(640, 480), (348, 348), (1920, 1080), (640, 480), (1280, 720)]
+    frames = [P.encode((shelf if i % 2 else store).resize(s), "JPEG", quality=90) for i, s in enumerate(sizes)]
     out = JpegBatchDecoder(DEVICE)([probe_plain_jpeg(f) for f in frames], SIZE)
-    assert [tuple(o.shape) for o in out] == [(3, 224, 224)] * 4
-    assert torch.equal(out[0], out[2])
+    for img, frame in zip(out, frames):
+        assert img.shape == (3, 224, 224)
+        assert (img.cpu().int() - pillow(frame).int()).abs().float().mean() < 4.0
+
+
+def test_a_resize_the_device_cannot_do_comes_back_as_none(store_jpegs, monkeypatch):
+    import catalog.jpeg_batch as jb
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(jb.F, "interpolate", fail)
+    out = JpegBatchDecoder(DEVICE)([probe_plain_jpeg(d) for d in store_jpegs[:3]], SIZE)
+    assert out == [None, None, None]
+
+
+def test_extreme_shapes_and_huge_frames_are_left_to_pillow(shelf):
+    from PIL import Image
+
+    strip = P.encode(Image.new("RGB", (60_000, 8), (90, 90, 90)), "JPEG")  # 268x shrink: beyond the kernel
+    huge = P.encode(Image.new("RGB", (5000, 4000), (90, 90, 90)), "JPEG")  # 20 MP: draft is cheaper
+    assert probe_plain_jpeg(strip) is None and probe_plain_jpeg(huge) is None
+    assert probe_plain_jpeg(P.encode(shelf.resize((4000, 3000)), "JPEG")) is not None  # 12 MP
 
 
 def test_a_body_the_decoder_refuses_comes_back_as_none_and_the_rest_still_decode(shelf, store_jpegs):
@@ -95,6 +120,35 @@ def test_auto_settings_mean_fp32_eager_on_a_cpu_and_graphs_need_cuda(backbone):
     assert (e.precision, e.execution, e.fixed_batch) == ("fp32", "eager", False)
     with pytest.raises(ValueError, match="CUDA"):
         Embedder(backbone, "cpu", execution="cuda-graph")
+
+
+def test_fixed_batch_execution_refuses_to_run_before_its_warm_up(backbone):
+    """Capturing or compiling lazily would happen mid-stream, while the decoder uses the device."""
+    with pytest.raises(RuntimeError, match="warm_up"):
+        Embedder(backbone, "cpu", execution="compile").embed(torch.zeros((1, 3, 224, 224), dtype=torch.uint8))
+
+
+def test_photos_the_device_refuses_are_decoded_by_pillow_or_dead_lettered(backbone, shelf, store_jpegs):
+    from catalog.build import catalog_from_vectors
+    from catalog.build import Reference
+    from catalog.matcher import Matcher
+    from consumer.pipeline import Model
+    from consumer.source import Photo, Poison
+
+    class Refusing:
+        def __call__(self, jpegs, size):
+            return [None] * len(jpegs)
+
+    refs = [Reference(path=P.store_photos()[0][0], sku="a")]
+    catalog = catalog_from_vectors(refs, np.eye(1, backbone.fingerprint.dim, dtype=np.float32), backbone, "none")
+    embedder = Embedder(backbone, "cpu")
+    model = Model(embedder, Matcher(catalog, device=torch.device("cpu")), catalog, Refusing())
+    batch = [Photo(pixels=None, fields={}, width=348, height=348, decode_s=0.0, jpeg=probe_plain_jpeg(d))
+             for d in (store_jpegs[0], P.corrupt_body_jpeg(shelf))]
+    out, fallbacks = model.decode_jpegs(batch, DecodeLimits())
+    assert fallbacks == 2
+    assert isinstance(out[0], Photo) and torch.equal(out[0].pixels, pillow(store_jpegs[0]))
+    assert isinstance(out[1], Poison) and out[1].reason == "corrupt-image"
 
 
 @pytest.mark.parametrize("execution", ["eager", "cuda-graph", "compile"])

@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -267,7 +268,9 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     quick = a.quick
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out: dict = {"device": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "commit": commit or "unknown",
                  "cpus": os.cpu_count(), "batch": BATCH, "weights": "untrained ResNets for timing; ImageNet EfficientNet-Lite0 for parity"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
 

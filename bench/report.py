@@ -25,7 +25,7 @@ def gpu_section(d: dict, source: Path) -> list[str]:
         a = json.loads(ANCHOR.read_text())
         anchor = {(r["model"], r["mode"]): r["img_s"] for r in a["embed"] if r["bs"] == 32}
     lines = ["## GPU (`bench/gpu.py`)", "",
-             f"{d['device']}, {d['cpus']} CPU cores, torch {d['torch']}, {d['date']}, batch {d['batch']}; "
+             f"{d['device']}, {d['cpus']} CPU cores, torch {d['torch']}, {d['date']}, commit {d.get('commit', 'not recorded')}, batch {d['batch']}; "
              f"raw output: `{source.relative_to(ROOT)}`, CUDA unit tests: `docs/data/gpu-device-tests.log`. Weights: {d['weights']}.", ""]
     notes = []
     if "models" in d and not any(r["execution"] == "compile" for r in d["models"]) and GPU_COMPILE_RECORD.exists():

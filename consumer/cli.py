@@ -68,12 +68,10 @@ def _truth(catalog_skus, refs) -> "np.ndarray":
 
 
 def _catalog_train_head(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from catalog.augment import Augmentation
     from catalog.build import Reference, catalog_from_vectors, embed_images
     from catalog.embedder import Embedder
-    from catalog.head import project, train_head
+    from catalog.head import project, train_head, with_views
     from catalog.models import load_backbone
     from catalog.store import Catalog
 
@@ -86,15 +84,11 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
     embedder = Embedder(backbone, args.device)
     paths = [r.path for r in refs]
     features = embed_images(paths, embedder, cache=CACHE, desc="backbone features")
-    train_x, train_y = features, catalog.row_sku
-    if args.augment:
-        # Views only train the head; the catalogue keeps one row per reference photo.
-        views = [embed_images(paths, embedder, cache=CACHE, desc=f"view {seed + 1}/{args.augment}",
-                              augmentation=Augmentation(seed=seed)) for seed in range(args.augment)]
-        train_x = np.concatenate([features, *views])
-        train_y = np.concatenate([catalog.row_sku, np.repeat(catalog.row_sku, args.augment)])
-    head = train_head(train_x, train_y, out_dim=args.dim, epochs=args.epochs, scale=args.scale,
-                      weight_decay=args.weight_decay)
+    # Views only train the head; the catalogue keeps one row per reference photo.
+    views = [embed_images(paths, embedder, cache=CACHE, desc=f"view {seed + 1}/{args.augment}",
+                          augmentation=Augmentation(seed=seed)) for seed in range(args.augment)]
+    head = train_head(*with_views(features, catalog.row_sku, views), out_dim=args.dim, epochs=args.epochs,
+                      scale=args.scale, weight_decay=args.weight_decay)
     trained = catalog_from_vectors(refs, project(head, features), backbone.with_head(head), catalog.weights_source)
     trained.save(args.out)
     print(f"wrote {args.out} (calibration cleared: calibrate it again)")

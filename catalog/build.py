@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from catalog.augment import Augmentation
 from catalog.embedder import Embedder
 from catalog.errors import CatalogError, ImageRejected
 from catalog.models import LoadedBackbone, load_backbone
@@ -65,30 +66,41 @@ def references_from_manifest(manifest: Path, images: Path | None) -> list[Refere
 
 def embed_images(
     paths: list[Path], embedder: Embedder, *, batch_size: int = 32, workers: int = 4, progress: bool = True,
-    desc: str = "embedding", cache: Path | None = None,
+    desc: str = "embedding", cache: Path | None = None, augmentation: Augmentation | None = None,
 ) -> np.ndarray:
     """Unit vectors (N, dim) for image files, decoded in a thread pool and embedded in batches.
 
-    With ``cache`` (a folder), the result is stored under a key made of the model fingerprint
-    and every file's path, size and modification time, and reused while none of them changes.
+    With ``augmentation``, row i is a random view of file i (see :mod:`catalog.augment`) instead of
+    the file as it is.
+
+    With ``cache`` (a folder), the result is stored under a key made of the model fingerprint,
+    the augmentation (if any) and every file's path, size and modification time, and reused
+    while none of them changes.
     """
     if cache is not None:
         key = hashlib.sha256(json.dumps(embedder.fingerprint.to_dict(), sort_keys=True).encode())
+        if augmentation is not None:
+            key.update(augmentation.identity().encode())
         for p in paths:
             st = p.stat()
             key.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         cached = cache / f"{key.hexdigest()[:24]}.npy"
         if cached.exists():
             return np.load(cached)
-        vectors = embed_images(paths, embedder, batch_size=batch_size, workers=workers, progress=progress, desc=desc)
+        vectors = embed_images(paths, embedder, batch_size=batch_size, workers=workers, progress=progress, desc=desc,
+                               augmentation=augmentation)
         cache.mkdir(parents=True, exist_ok=True)
         np.save(cached, vectors)
         return vectors
     size = embedder.input_size
 
-    def load(path: Path) -> torch.Tensor:
+    def load(item: tuple[int, Path]) -> torch.Tensor:
+        index, path = item
         try:
-            return to_tensor(decode(path.read_bytes(), size, REFERENCE_LIMITS).image)
+            if augmentation is None:
+                return to_tensor(decode(path.read_bytes(), size, REFERENCE_LIMITS).image)
+            big = to_tensor(decode(path.read_bytes(), augmentation.decode_size(size), REFERENCE_LIMITS).image)
+            return augmentation.view(big, size, index)
         except ImageRejected as exc:
             raise CatalogError(f"image {path} ({exc.reason}): {exc}") from exc
 
@@ -98,7 +110,7 @@ def embed_images(
     ) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            pixels = torch.stack(list(pool.map(load, chunk)))
+            pixels = torch.stack(list(pool.map(load, enumerate(chunk, start))))
             vectors.append(embedder.embed(pixels).cpu().numpy())
             bar.update(len(chunk))
     return np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.fingerprint.dim), np.float32)

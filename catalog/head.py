@@ -44,6 +44,13 @@ def train_head(
     return head.eval()
 
 
+def with_views(features: np.ndarray, labels: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Training set of the head: the reference features, then each set of views (one view per
+    reference, in reference order, as :func:`catalog.build.embed_images` gives them), with labels."""
+    x = np.concatenate([features, *views]) if views else features
+    return x, np.tile(np.asarray(labels), 1 + len(views))
+
+
 def project(head: ProjectionHead, features: np.ndarray) -> np.ndarray:
     """Unit vectors in the head's space for unit backbone features (as the embedder computes them)."""
     with torch.inference_mode():

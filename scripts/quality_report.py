@@ -7,9 +7,11 @@ split (the test split is held out and never read). Each step is a real `shelfmat
 
 1. packshots only, EfficientNet-Lite0, plus the research's baselines (RGB histogram, pHash);
 2. packshots + train photos as references;
-3. step 2 + a projection head trained on the references (`shelfmatch catalog train-head`);
-4. calibration of step 3 for 95% precision on val (`shelfmatch catalog calibrate`), with a
-   2-fold cross-validated estimate of the operating point (chosen on one half, measured on the other).
+3. step 2 + a projection head trained on the references (`shelfmatch catalog train-head`), and the
+   same head trained on the references plus random views of them (`--augment 4`);
+4. calibration of each head for 95% precision on val (`shelfmatch catalog calibrate`), with a
+   2-fold cross-validated estimate of the operating point (chosen on one half, measured on the other),
+   and the issue #6 targets checked against those honest numbers.
 
 ResNet weights come from torchvision's download servers; where they are reachable, add
 `--models resnet18,resnet50,resnet152` to compare them in the same run.
@@ -28,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Views per reference the report measures against the default (`--augment`, cached after the first run).
+REPORT_VIEWS = 4
 OUT = ROOT / "out" / "quality"
 DOCS = ROOT / "docs"
 
@@ -76,6 +80,18 @@ def table3(entries: list[dict]) -> list[str]:
     return lines
 
 
+def issue_targets(entry: dict, folds: list[dict]) -> list[tuple[str, str, bool]]:
+    """Issue #6: top-1 >= 85% on val; at the calibrated point, precision >= 95% with recall >= 70%,
+    both taken from the cross-validated folds (each fold must meet them)."""
+    rows = [("top-1 >= 85%", f"{pct(entry['top1'])}%", entry["top1"] >= 0.85)]
+    if folds:
+        p = " / ".join(pct(f["precision"]) for f in folds)
+        r = " / ".join(pct(f["recall"]) for f in folds)
+        rows.append(("precision >= 95% (each CV fold)", f"{p}%", all(f["precision"] >= 0.95 for f in folds)))
+        rows.append(("recall >= 70% at that precision (each CV fold)", f"{r}%", all(f["recall"] >= 0.70 for f in folds)))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "datasets" / "grocery-store"))
@@ -92,11 +108,13 @@ def main() -> int:
                "--out", str(base))
     shelfmatch("eval", "--references-manifest", str(m["packshots+train"]), "--models", args.models, *val,
                "--out", str(OUT / "2-train"))
-    head = OUT / "train-head.safetensors"
+    head, views_head = OUT / "train-head.safetensors", OUT / f"train-head-{REPORT_VIEWS}-views.safetensors"
     shelfmatch("catalog", "train-head", "--catalog", str(base), "--out", str(head))
-    shelfmatch("catalog", "calibrate", "--catalog", str(head), *val, "--target-precision", "0.95")
-    shelfmatch("eval", "--catalog", str(base), "--catalog", str(head), *val, "--target-precision", "0.95",
-               "--out", str(OUT / "3-head"))
+    shelfmatch("catalog", "train-head", "--catalog", str(base), "--augment", str(REPORT_VIEWS), "--out", str(views_head))
+    for c in (head, views_head):
+        shelfmatch("catalog", "calibrate", "--catalog", str(c), *val, "--target-precision", "0.95")
+    shelfmatch("eval", "--catalog", str(base), "--catalog", str(head), "--catalog", str(views_head), *val,
+               "--target-precision", "0.95", "--out", str(OUT / "3-head"))
 
     reports = {k: json.loads((OUT / k / "report.json").read_text()) for k in ("1-packshots", "2-train", "3-head")}
     DOCS.mkdir(exist_ok=True)
@@ -104,9 +122,11 @@ def main() -> int:
     for k in reports:
         for png in (OUT / k).glob("*.png"):
             shutil.copy(png, DOCS / "quality" / f"{k}-{png.name}")
-    head_entry = next(e for e in reports["3-head"]["methods"] if "head" in e["method"])
+    by_stem = {e["method"].split(" ")[0]: e for e in reports["3-head"]["methods"]}
+    head_entry = by_stem["train-head"]
     stored = head_entry.get("stored_calibration", {})
-    folds = head_entry.get("cross_validated", [])
+    folds = [f for f in head_entry.get("cross_validated", []) if isinstance(f, dict)]
+    targets = issue_targets(head_entry, folds)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     lines = [
@@ -144,9 +164,27 @@ def main() -> int:
         "## 3. Projection head trained on the references (`shelfmatch catalog train-head`)",
         "",
         "A linear map on frozen EfficientNet-Lite0 features, trained with a normalised-softmax proxy loss on "
-        "the reference photos (seconds on a CPU), stored in the catalogue and part of its fingerprint.",
+        "the reference photos (seconds on a CPU), stored in the catalogue and part of its fingerprint. "
+        "`train-head` is the default, trained on the reference photos alone; "
+        f"`train-head-{REPORT_VIEWS}-views` also on {REPORT_VIEWS} random views of each (`--augment {REPORT_VIEWS}`: "
+        "random-resized crop keeping 35-100% of the area, horizontal flip, brightness/contrast/saturation/hue "
+        "jitter; `catalog/augment.py`). Views train the head only: the catalogue still holds one vector per "
+        "reference photo, and photos are embedded at serving time exactly as before. One training seed per row: "
+        "over 3 seeds the views moved val top-1 by +0.4 points on average (see the experiments page), so a "
+        "difference of 1-2 points between these two rows is noise (one val photo is 0.34 points).",
         "",
         *table3(reports["3-head"]["methods"]),
+        "",
+        "Cross-validated operating point of each (2 folds of val, target precision 95%; see section 4):",
+        "",
+        "| method | fold 0 precision / recall % | fold 1 precision / recall % |",
+        "|---|---|---|",
+        *[f"| {stem} | " + " | ".join(f"{pct(f['precision'])} / {pct(f['recall'])}" for f in e["cross_validated"]
+                                     if isinstance(f, dict)) + " |"
+          for stem, e in by_stem.items() if isinstance(e.get("cross_validated"), list)],
+        "",
+        "How the head's settings were chosen, and the variants that did not help: "
+        "[quality-experiments.md](quality-experiments.md).",
         "",
         "![threshold curves](quality/3-head-threshold-curves.png)",
         "![score distributions](quality/3-head-score-distributions.png)",
@@ -165,6 +203,12 @@ def main() -> int:
           f"{pct(f['precision'])} | {pct(f['recall'])} |" for f in folds if isinstance(f, dict)],
         "",
         "The consumer uses the stored operating point unless `SHELFMATCH_THRESHOLD` / `SHELFMATCH_MIN_MARGIN` are set.",
+        "",
+        "## 5. Issue #6 targets (default head, honest numbers)",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *[f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets],
         "",
     ]
     (DOCS / "quality.md").write_text("\n".join(lines))

@@ -3,7 +3,7 @@ import torch
 
 from catalog.embedder import Embedder
 from catalog.evaluate import product_scores, top_k_accuracy
-from catalog.head import project, train_head
+from catalog.head import project, train_head, with_views
 from catalog.models import ProjectionHead, load_backbone
 from catalog.store import Catalog
 
@@ -51,3 +51,14 @@ def test_head_travels_in_the_catalogue_and_reproduces_the_fingerprint(tmp_path):
     assert rebuilt.fingerprint == loaded.fingerprint  # what the consumer checks before it starts
     again = Embedder(rebuilt, "cpu").embed(torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8))
     assert again.shape == (1, 32)
+
+
+def test_each_view_is_labelled_with_the_product_of_its_reference():
+    features = np.eye(3, dtype=np.float32)
+    labels = np.array([7, 8, 9], dtype=np.int32)
+    views = [features * 2, features * 3]  # view k of reference i is row i of views[k]
+    x, y = with_views(features, labels, views)
+    assert x.shape == (9, 3)
+    for row, label in zip(x, y):
+        assert labels[int(np.argmax(row))] == label
+    assert with_views(features, labels, [])[1].tolist() == [7, 8, 9]

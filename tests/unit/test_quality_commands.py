@@ -1,6 +1,7 @@
 """`shelfmatch eval` and `shelfmatch catalog calibrate` on the demo photos, with the real model."""
 import json
 
+import numpy as np
 import torch
 
 from catalog.store import Catalog
@@ -41,3 +42,20 @@ def test_calibration_is_stored_and_used_by_the_consumer_unless_overridden(tmp_pa
     assert model.matcher.min_margin == catalog.calibration.min_margin
     overridden = load_model(Settings(catalog=out, threshold=0.5, min_margin=0.01), catalog, torch.device("cpu"))
     assert (overridden.matcher.threshold, overridden.matcher.min_margin) == (0.5, 0.01)
+
+
+def test_train_head_learns_from_augmented_views_but_keeps_one_catalogue_row_per_reference(
+    tmp_path, monkeypatch, grocery_catalog
+):
+    monkeypatch.chdir(tmp_path)  # the CLI's feature cache is relative to the working folder
+    base, path = grocery_catalog
+    plain, augmented = tmp_path / "plain.safetensors", tmp_path / "augmented.safetensors"
+    common = ["catalog", "train-head", "--catalog", str(path), "--dim", "32", "--epochs", "5", "--device", "cpu"]
+    assert main([*common, "--out", str(plain), "--augment", "0"]) == 0
+    assert main([*common, "--out", str(augmented), "--augment", "2"]) == 0
+    plain_c, aug_c = Catalog.load(plain), Catalog.load(augmented)
+    assert aug_c.references == base.references and len(aug_c.row_sku) == len(base.row_sku)
+    np.testing.assert_array_equal(aug_c.row_sku, base.row_sku)
+    assert aug_c.fingerprint.head and aug_c.fingerprint.head != plain_c.fingerprint.head  # the views changed the head
+    # one cache entry for the references and one per view seed
+    assert len(list((tmp_path / ".cache" / "features").glob("*.npy"))) == 3

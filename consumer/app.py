@@ -126,7 +126,8 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     catalog = Catalog.load(settings.catalog)
     device = resolve_device(settings.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are fixed (batch size, input size): pick the fastest kernels once
+        # Shapes are fixed (batch size, input size): let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
     model = load_model(settings, catalog, device)
     metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
     metrics.catalog_products.set(len(catalog.skus))

@@ -106,11 +106,11 @@ class JpegBatchDecoder:
                 same_shape[tuple(img.shape)].append(i)
         for shape, idx in same_shape.items():  # one resize per frame size (cameras repeat theirs)
             per_chunk = max(1, RESIZE_CHUNK_PIXELS // (shape[1] * shape[2]))
+            k = draft_factor(shape[2], shape[1], size)
             for start in range(0, len(idx), per_chunk):
                 chunk = idx[start : start + per_chunk]
                 try:
                     batch = torch.stack([images[i] for i in chunk]).float()
-                    k = draft_factor(shape[2], shape[1], size)
                     if k > 1:
                         batch = F.avg_pool2d(batch, k, ceil_mode=True)
                     if batch.shape[-2:] != (height, width):

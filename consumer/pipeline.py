@@ -207,6 +207,9 @@ async def finish_decoding(
             decoded, fallbacks = await loop.run_in_executor(device_pool, model.decode_jpegs, decoded, limits)
             if fallbacks:
                 metrics.device_decode_fallbacks.inc(fallbacks)
+        for received, result in zip(batch, decoded):
+            if isinstance(result, Photo):
+                received.drop_value()
         await outq.put((batch, decoded, closed))
     await outq.put(END)
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -50,6 +50,11 @@ class Received:
     record: ConsumerRecord
     arrived: float  # time.monotonic() when fetched
     decoded: asyncio.Future = field(repr=False)  # -> Photo | Poison
+
+    def drop_value(self) -> None:
+        """Forget the photo's bytes once it is decoded: only a dead letter needs them again, and a
+        batch's bytes would otherwise stay in memory until it is published (up to 5 MB a photo)."""
+        self.record = replace(self.record, value=None)
 
 
 def inspect(

@@ -56,6 +56,24 @@ def test_penultimate_layer_dimension_and_unit_vectors(name, dim):
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
 
 
+def test_cpu_batches_reach_the_network_in_a_few_shapes_and_in_order():
+    """Partial batches of every size would fragment the CPU heap (see _power_of_two_chunks)."""
+    embedder = Embedder(load_backbone("mobilenet_v3_small", weights="none"), "cpu")
+    seen: list[int] = []
+    network = embedder._run
+    embedder._run = lambda part: seen.append(part.shape[0]) or network(part)
+    pixels = torch.randint(0, 256, (25, 3, 96, 96), dtype=torch.uint8)
+    vectors = embedder.embed(pixels)
+    assert seen == [16, 8, 1]
+    one_by_one = torch.cat([network(pixels[i:i + 1]) for i in range(25)])
+    torch.testing.assert_close(vectors, one_by_one, atol=1e-4, rtol=0)
+    for n in range(1, 41):
+        seen.clear()
+        embedder.embed(pixels.new_zeros((n, 3, 32, 32)))
+        assert sum(seen) == n and all(size & (size - 1) == 0 for size in seen)
+    assert embedder.embed(pixels[:0]).shape[0] == 0
+
+
 def test_random_weights_are_seeded_so_catalogue_and_consumer_agree():
     a, b = load_backbone("resnet18", weights="none"), load_backbone("resnet18", weights="none")
     for (ka, va), (kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):

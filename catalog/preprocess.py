@@ -110,7 +110,10 @@ def decode(data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimi
     Raises :class:`ImageRejected` with a :class:`RejectReason` code for anything unusable.
     Valid oddities (grayscale, CMYK, palette, alpha, 16-bit, EXIF rotation) are converted.
     """
-    img, sniffed = _open(data, limits)
+    return _decode_opened(*_open(data, limits), size)
+
+
+def _decode_opened(img: Image.Image, sniffed: str, size: tuple[int, int]) -> Decoded:
     width, height = img.size
     try:
         if img.format == "JPEG":
@@ -158,7 +161,19 @@ def probe_plain_jpeg(
     valid image (which :func:`decode` handles). Raises :class:`ImageRejected` exactly as
     :func:`decode` does for anything its header checks refuse.
     """
-    img, _ = _open(data, limits)
+    return _plain_jpeg(_open(data, limits)[0], data, size)
+
+
+def decode_unless_plain_jpeg(
+    data: bytes, size: tuple[int, int], limits: DecodeLimits = DecodeLimits(),
+) -> Decoded | PlainJpeg:
+    """:func:`probe_plain_jpeg`, then :func:`decode` for anything not plain, parsing the header once."""
+    img, sniffed = _open(data, limits)
+    plain = _plain_jpeg(img, data, size)
+    return plain if plain is not None else _decode_opened(img, sniffed, size)
+
+
+def _plain_jpeg(img: Image.Image, data: bytes, size: tuple[int, int]) -> PlainJpeg | None:
     if img.format != "JPEG" or img.mode not in ("RGB", "L"):
         return None
     if img.width * img.height > DEVICE_MAX_PIXELS:

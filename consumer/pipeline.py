@@ -112,7 +112,7 @@ class Model:
                 try:
                     pixels = to_tensor(decode(photo.jpeg.data, size, limits).image)
                 except ImageRejected as exc:
-                    out[i] = Poison(reason=exc.reason, error=str(exc))
+                    out[i] = Poison.of(exc)
                     continue
                 share += time.perf_counter() - began
             out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + share)

@@ -16,7 +16,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from catalog.errors import ImageRejected
-from catalog.preprocess import DecodeLimits, PlainJpeg, decode, probe_plain_jpeg, to_tensor
+from catalog.preprocess import DecodeLimits, PlainJpeg, decode, decode_unless_plain_jpeg, to_tensor
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
 
@@ -44,6 +44,10 @@ class Poison:
     reason: str
     error: str
 
+    @classmethod
+    def of(cls, exc: ImageRejected) -> Poison:
+        return cls(reason=exc.reason, error=str(exc))
+
 
 @dataclass
 class Received:
@@ -68,12 +72,13 @@ def inspect(
     start = time.perf_counter()
     try:
         fields = parse_headers(record.key, record.headers)
-        if device_jpeg and (jpeg := probe_plain_jpeg(record.value or b"", limits, size)) is not None:
-            return Photo(pixels=None, fields=fields, width=jpeg.width, height=jpeg.height,
-                         decode_s=time.perf_counter() - start, jpeg=jpeg)
-        decoded = decode(record.value or b"", size, limits)
+        data = record.value or b""
+        decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
     except ImageRejected as exc:
-        return Poison(reason=exc.reason, error=str(exc))
+        return Poison.of(exc)
+    if isinstance(decoded, PlainJpeg):
+        return Photo(pixels=None, fields=fields, width=decoded.width, height=decoded.height,
+                     decode_s=time.perf_counter() - start, jpeg=decoded)
     return Photo(
         pixels=to_tensor(decoded.image), fields=fields, width=decoded.width, height=decoded.height,
         decode_s=time.perf_counter() - start,

@@ -15,7 +15,9 @@ from catalog.embedder import Embedder
 from catalog.errors import ImageRejected
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.models import load_backbone
-from catalog.preprocess import DecodeLimits, PlainJpeg, decode, probe_plain_jpeg, to_tensor
+from catalog.preprocess import (
+    DecodeLimits, PlainJpeg, decode, decode_unless_plain_jpeg, probe_plain_jpeg, to_tensor,
+)
 from tests import photos as P
 
 DEVICE = torch.device(os.environ.get("SHELFMATCH_TEST_DEVICE", "cpu"))
@@ -93,7 +95,20 @@ def test_a_body_the_decoder_refuses_comes_back_as_none_and_the_rest_still_decode
                                   lambda img: P.encode(img, "PNG"), lambda img: P.encode(img, "JPEG", progressive=True)],
                          ids=["cmyk", "exif-rotated", "truncated", "webp", "png", "progressive"])
 def test_anything_but_a_plain_jpeg_is_left_to_pillow(shelf, make):
-    assert probe_plain_jpeg(make(shelf)) is None
+    data = make(shelf)
+    assert probe_plain_jpeg(data) is None
+    if make is P.truncated_jpeg:
+        with pytest.raises(ImageRejected):
+            decode_unless_plain_jpeg(data, SIZE)
+        return
+    once, twice = decode_unless_plain_jpeg(data, SIZE), decode(data, SIZE)  # one header parse, same result
+    assert (once.width, once.height) == (twice.width, twice.height)
+    assert np.array_equal(np.asarray(once.image), np.asarray(twice.image))
+
+
+def test_a_plain_jpeg_is_deferred_with_its_bytes(store_jpegs):
+    deferred = decode_unless_plain_jpeg(store_jpegs[0], SIZE)
+    assert isinstance(deferred, PlainJpeg) and deferred.data is store_jpegs[0]
 
 
 @pytest.mark.parametrize(
@@ -107,7 +122,9 @@ def test_the_probe_refuses_what_decode_refuses_with_the_same_reason(data, reason
         probe_plain_jpeg(data, DecodeLimits())
     with pytest.raises(ImageRejected) as full:
         decode(data, SIZE)
-    assert probe.value.reason == full.value.reason == reason
+    with pytest.raises(ImageRejected) as either:
+        decode_unless_plain_jpeg(data, SIZE)
+    assert probe.value.reason == full.value.reason == either.value.reason == reason
 
 
 @pytest.fixture(scope="module")

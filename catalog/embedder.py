@@ -45,7 +45,7 @@ def _power_of_two_chunks(pixels: torch.Tensor) -> list[torch.Tensor]:
     """Split a batch into chunks whose sizes are powers of two, largest first (25 -> 16, 8, 1).
 
     On the CPU every new batch shape leaves glibc's heap more fragmented: with partial batches of
-    every size from 1 to 32, a service's resident memory grew by 950 MB over 1,000 batches and had
+    every size from 1 to 32, the process's resident memory grew by 1.1 GB over 1,000 batches and had
     not levelled off; with six shapes it stays flat (scripts/experiments/batch_shapes_rss.py). On 2
     cores a chunk of 4 to 16 embeds as fast per image as 32, so the split costs little.
     """

@@ -8,8 +8,8 @@ the shapes matter here, not the vectors. Not run by the tests (about 2 minutes o
 
     .venv/bin/python scripts/experiments/batch_shapes_rss.py [--whole] [BATCHES]   (default 1000)
 
-Measured on 2 cores (glibc 2.36, torch 2.15): whole batches 805 -> 1755 MB over 1,000 batches, still
-climbing; split into powers of two, flat.
+Measured on 2 cores (glibc 2.36, torch 2.15): whole batches 802 -> 1,928 MB over 1,000 batches, still
+climbing; split into powers of two, flat at 881 MB.
 """
 from __future__ import annotations
 

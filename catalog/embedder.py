@@ -145,6 +145,9 @@ class Embedder:
                     self._run(example)
             elif self.execution == "cuda-graph":
                 self._capture(example)
+            elif self.device.type == "cpu":  # every chunk size embed() will use for this batch size
+                for k in reversed(range(self.batch_size.bit_length())):
+                    self._run(example[:1 << k])
             else:
                 self._run(example)
         if self.device.type == "cuda":

@@ -72,6 +72,9 @@ def test_cpu_batches_reach_the_network_in_a_few_shapes_and_in_order():
         embedder.embed(pixels.new_zeros((n, 3, 32, 32)))
         assert sum(seen) == n and all(size & (size - 1) == 0 for size in seen)
     assert embedder.embed(pixels[:0]).shape[0] == 0
+    seen.clear()
+    Embedder.warm_up(embedder)  # warms every chunk size a batch of 32 can be split into
+    assert sorted(seen) == [1, 2, 4, 8, 16, 32]
 
 
 def test_random_weights_are_seeded_so_catalogue_and_consumer_agree():

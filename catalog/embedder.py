@@ -49,14 +49,9 @@ def _power_of_two_chunks(pixels: torch.Tensor) -> list[torch.Tensor]:
     not levelled off; with six shapes it stays flat (scripts/experiments/batch_shapes_rss.py). On 2
     cores a chunk of 4 to 16 embeds as fast per image as 32, so the split costs little.
     """
-    chunks, start, left = [], 0, pixels.shape[0]
-    if not left:
-        return [pixels]
-    while left:
-        size = 1 << (left.bit_length() - 1)
-        chunks.append(pixels[start:start + size])
-        start, left = start + size, left - size
-    return chunks
+    n = pixels.shape[0]
+    sizes = [1 << k for k in reversed(range(n.bit_length())) if n >> k & 1]  # the set bits of n
+    return list(pixels.split(sizes)) if n else [pixels]
 
 
 class _Normalised(nn.Module):
@@ -176,14 +171,15 @@ class Embedder:
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         elif pixels.device != self.device:
             pixels = pixels.to(self.device)
-        if not self.fixed_batch:
-            if self.device.type != "cpu":
-                return self._run(pixels)
-            chunks = [self._run(part) for part in _power_of_two_chunks(pixels)]
-            return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-        if not self._warm:  # capturing now could collide with the decoder's work on the device
-            raise RuntimeError(f"{self.execution} needs warm_up() before the first batch")
-        chunks = [self._fixed(part) for part in pixels.split(self.batch_size)]
+        if self.fixed_batch:
+            if not self._warm:  # capturing now could collide with the decoder's work on the device
+                raise RuntimeError(f"{self.execution} needs warm_up() before the first batch")
+            run, parts = self._fixed, pixels.split(self.batch_size)
+        elif self.device.type == "cpu":
+            run, parts = self._run, _power_of_two_chunks(pixels)
+        else:
+            return self._run(pixels)
+        chunks = [run(part) for part in parts]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
     def _fixed(self, part: torch.Tensor) -> torch.Tensor:

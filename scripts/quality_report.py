@@ -39,9 +39,8 @@ DOCS = ROOT / "docs"
 RESEARCH = [("ResNet-152, threshold 0.90", 53.6, 9.9), ("ResNet-152, threshold 0.95", 42.7, 4.7)]
 
 
-def manifests(dataset: Path) -> dict[str, Path]:
-    """CSV manifests (path,sku) for packshots, packshots+train, and val."""
-    OUT.mkdir(parents=True, exist_ok=True)
+def grocery_sets(dataset: Path) -> dict[str, list[tuple[Path, str]]]:
+    """(path, sku) rows of packshots, packshots+train, and val (the test split is never read)."""
     classes = list(csv.reader(open(dataset / "classes.csv")))[1:]
     name = {int(row[1]): row[0] for row in classes}
     packshots = [(dataset / row[4].lstrip("/"), row[0]) for row in classes]
@@ -50,9 +49,14 @@ def manifests(dataset: Path) -> dict[str, Path]:
         rows = [line.strip().split(", ") for line in open(dataset / file) if line.strip()]
         return [(dataset / r[0], name[int(r[1])]) for r in rows]
 
-    sets = {"packshots": packshots, "packshots+train": packshots + split("train.txt"), "val": split("val.txt")}
+    return {"packshots": packshots, "packshots+train": packshots + split("train.txt"), "val": split("val.txt")}
+
+
+def manifests(dataset: Path) -> dict[str, Path]:
+    """CSV manifests (path,sku) for packshots, packshots+train, and val."""
+    OUT.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for key, rows in sets.items():
+    for key, rows in grocery_sets(dataset).items():
         paths[key] = OUT / f"{key}.csv"
         with open(paths[key], "w", newline="") as f:
             w = csv.writer(f)

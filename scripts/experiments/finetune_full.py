@@ -11,7 +11,6 @@ the product, not run by the tests.
 """
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,23 +22,18 @@ from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 from catalog.models import load_backbone  # noqa: E402
 from catalog.preprocess import decode, to_tensor  # noqa: E402
+from quality_report import grocery_sets  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "grocery-store"
 STORED = (256, 256)  # decoded once at this size; crops of it are resized to the model's 224
 
 
 def splits() -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    classes = list(csv.reader(open(DATA / "classes.csv")))[1:]
-    name = {int(r[1]): r[0] for r in classes}
-
-    def split(f: str) -> list[tuple[Path, str]]:
-        rows = [line.strip().split(", ") for line in open(DATA / f) if line.strip()]
-        return [(DATA / r[0], name[int(r[1])]) for r in rows]
-
-    references = [(DATA / r[4].lstrip("/"), r[0]) for r in classes] + split("train.txt")
-    return references, split("val.txt")
+    sets = grocery_sets(DATA)
+    return sets["packshots+train"], sets["val"]
 
 
 def load_all(rows: list[tuple[Path, str]], size: tuple[int, int]) -> torch.Tensor:

@@ -6,7 +6,7 @@ top-1/top-5 after each epoch. Not part of the product, not run by the tests (abo
 
     .venv/bin/python scripts/experiments/finetune_tail.py [EPOCHS]      (default 6; the log used 5)
 """
-import sys, time, csv, copy
+import sys, time, copy
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -16,14 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from catalog.models import load_backbone
 from catalog.preprocess import decode, to_tensor
 torch.manual_seed(0)
-D = str(ROOT.parent / 'shared' / 'datasets' / 'grocery-store')
-classes = list(csv.reader(open(f'{D}/classes.csv')))[1:]
-name = {int(r[1]): r[0] for r in classes}
-def split(f):
-    rows = [l.strip().split(', ') for l in open(f'{D}/{f}') if l.strip()]
-    return [(f'{D}/{r[0]}', name[int(r[1])]) for r in rows]
-train = [(f"{D}/{r[4].lstrip('/')}", r[0]) for r in classes] + split('train.txt')
-val = split('val.txt')
+sys.path.insert(0, str(ROOT / 'scripts'))
+from quality_report import grocery_sets
+SETS = grocery_sets(ROOT.parent / 'shared' / 'datasets' / 'grocery-store')
+train, val = SETS['packshots+train'], SETS['val']
 skus = sorted({s for _, s in train}); idx = {s: i for i, s in enumerate(skus)}
 b = load_backbone('efficientnet_lite0', weights='imagenet'); net = b.network.eval()
 pre = b.fingerprint.preprocessing

@@ -137,9 +137,13 @@ def catalog_from_vectors(
 def build_catalog(
     refs: list[Reference], *, model: str, weights: str = "imagenet", device: str = "auto",
     batch_size: int = 32, workers: int = 4, progress: bool = True, cache: Path | None = None,
+    input_size: int | None = None,
 ) -> Catalog:
-    """Embed every reference image and assemble the catalogue (rows in input order)."""
-    backbone = load_backbone(model, weights=weights)
+    """Embed every reference image and assemble the catalogue (rows in input order).
+
+    ``input_size`` overrides the backbone's own resolution (see :func:`catalog.models.load_backbone`).
+    """
+    backbone = load_backbone(model, weights=weights, input_size=input_size)
     vectors = embed_images(
         [r.path for r in refs], Embedder(backbone, device), batch_size=batch_size, workers=workers,
         progress=progress, desc=f"embedding with {model}", cache=cache,

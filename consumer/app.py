@@ -20,7 +20,7 @@ from catalog.embedder import Embedder, resolve_device
 from catalog.errors import FingerprintMismatchError
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Matcher
-from catalog.models import load_backbone
+from catalog.models import backbone_of
 from catalog.preprocess import DecodeLimits
 from catalog.store import Catalog
 from consumer.metrics import Metrics
@@ -51,10 +51,7 @@ def kafka_security(settings: Settings) -> dict:
 def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Model:
     """Rebuild the catalogue's model and refuse to run if it does not reproduce the fingerprint."""
     source = settings.weights or catalog.weights_source
-    backbone = load_backbone(catalog.fingerprint.backbone, weights=source)
-    head = catalog.head()
-    if head is not None:
-        backbone = backbone.with_head(head)
+    backbone = backbone_of(catalog.fingerprint, source, catalog.head())
     if backbone.fingerprint != catalog.fingerprint:
         raise FingerprintMismatchError(
             f"catalogue {settings.catalog} was built with {catalog.fingerprint.describe()} but weights "

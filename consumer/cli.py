@@ -31,6 +31,7 @@ def _catalog_build(args: argparse.Namespace) -> int:
         raise CatalogError("give --images DIR (one folder per SKU) or --manifest CSV")
     catalog = build_catalog(
         refs, model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size, cache=CACHE,
+        input_size=args.input_size,
     )
     catalog.save(args.out)
     print(f"wrote {args.out}")
@@ -50,11 +51,9 @@ def _labelled(folder: str | None, manifest: str | None, what: str):
 
 def _model_for(catalog, device: str):
     from catalog.embedder import Embedder
-    from catalog.models import load_backbone
+    from catalog.models import backbone_of
 
-    backbone = load_backbone(catalog.fingerprint.backbone, weights=catalog.weights_source)
-    head = catalog.head()
-    return Embedder(backbone.with_head(head) if head else backbone, device)
+    return Embedder(backbone_of(catalog.fingerprint, catalog.weights_source, catalog.head()), device)
 
 
 def _truth(catalog_skus, refs) -> "np.ndarray":
@@ -72,7 +71,7 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
     from catalog.build import Reference, catalog_from_vectors, embed_images
     from catalog.embedder import Embedder
     from catalog.head import project, train_head, with_views
-    from catalog.models import load_backbone
+    from catalog.models import backbone_of
     from catalog.store import Catalog
 
     catalog = Catalog.load(args.catalog)
@@ -80,7 +79,7 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
     missing = [r.path for r in refs if not r.path.is_file()]
     if missing:
         raise CatalogError(f"{len(missing)} reference images of the catalogue are missing, e.g. {missing[0]}")
-    backbone = load_backbone(catalog.fingerprint.backbone, weights=catalog.weights_source)
+    backbone = backbone_of(catalog.fingerprint, catalog.weights_source)  # without its head, if any
     embedder = Embedder(backbone, args.device)
     paths = [r.path for r in refs]
     features = embed_images(paths, embedder, cache=CACHE, desc="backbone features")
@@ -231,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--manifest", help="CSV with columns path,sku")
     build.add_argument("--model", required=True, choices=BACKBONES)
     build.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a checkpoint")
+    build.add_argument("--input-size", type=int, metavar="PIXELS",
+                       help="square input size instead of the backbone's own (224 for ResNets); costs about "
+                            "(PIXELS/224)^2 more compute per photo, in the catalogue and in the consumer")
     build.add_argument("--out", required=True, help="catalogue file to write (.safetensors)")
     build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     build.add_argument("--batch-size", type=int, default=32)

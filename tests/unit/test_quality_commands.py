@@ -59,3 +59,19 @@ def test_train_head_learns_from_augmented_views_but_keeps_one_catalogue_row_per_
     assert aug_c.fingerprint.head and aug_c.fingerprint.head != plain_c.fingerprint.head  # the views changed the head
     # one cache entry for the references and one per view seed
     assert len(list((tmp_path / ".cache" / "features").glob("*.npy"))) == 3
+
+
+def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and_the_consumer(tmp_path, monkeypatch):
+    """The size is part of the fingerprint: the head is trained on, and the consumer embeds at, that size."""
+    monkeypatch.chdir(tmp_path)
+    built, headed = tmp_path / "288.safetensors", tmp_path / "288-head.safetensors"
+    assert main(["catalog", "build", "--images", str(REFERENCES), "--model", "efficientnet_lite0", "--input-size", "288",
+                 "--device", "cpu", "--out", str(built)]) == 0
+    assert main(["catalog", "train-head", "--catalog", str(built), "--dim", "32", "--epochs", "2", "--device", "cpu",
+                 "--out", str(headed)]) == 0
+    for path in (built, headed):
+        catalog = Catalog.load(path)
+        assert catalog.fingerprint.preprocessing.size == (288, 288)
+        model = load_model(Settings(catalog=path), catalog, torch.device("cpu"))  # refuses a fingerprint mismatch
+        assert model.embedder.input_size == (288, 288)
+    assert Catalog.load(built).fingerprint.dim == 1280  # global pooling: the same dimension at any size

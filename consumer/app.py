@@ -189,6 +189,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
             topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
             decode_pool=decode_pool, model_pool=model_pool, device_pool=device_pool, limits=limits, batch_size=settings.batch_size,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000, in_flight=in_flight, metrics=metrics, stop=stop,
+            poll_every_s=settings.max_poll_interval_ms / 3000,
         ), name="pipeline")
         await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not pipeline.done():

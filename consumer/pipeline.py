@@ -274,7 +274,7 @@ class DrainOnRevoke(ConsumerRebalanceListener):
 async def run_pipeline(
     consumer: AIOKafkaConsumer, sink: Sink, *, model: Model, topics: Topics, decode_pool: Executor,
     model_pool: Executor, device_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
-    in_flight: InFlight, metrics: Metrics, stop: asyncio.Event,
+    in_flight: InFlight, metrics: Metrics, stop: asyncio.Event, poll_every_s: float,
 ) -> None:
     """Run every stage until ``stop`` is set and the last fetched batch is committed."""
     size = model.embedder.input_size
@@ -286,7 +286,7 @@ async def run_pipeline(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(fetch(
             consumer, fetched, pool=decode_pool, size=size, limits=limits, stop=stop,
-            in_flight=in_flight, metrics=metrics, max_records=batch_size,
+            in_flight=in_flight, metrics=metrics, max_records=batch_size, poll_every_s=poll_every_s,
             device_jpeg=model.jpeg_decoder is not None,
         ), name="fetch")
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")

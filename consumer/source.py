@@ -128,29 +128,46 @@ async def fetch(
     in_flight: InFlight,
     metrics: Metrics,
     max_records: int,
+    poll_every_s: float,
     device_jpeg: bool = False,
 ) -> None:
     """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once.
 
-    When the queue is full the assigned partitions are paused but polling goes on, so a slow
-    model holds the backlog in Kafka (not in memory) and the member is never evicted for
-    missing ``max_poll_interval_ms``.
+    Backpressure is waiting for room in ``out``: a slow model holds the backlog in Kafka, and
+    aiokafka keeps at most one fetched response per partition meanwhile. Partitions are not
+    paused for that: pausing makes aiokafka drop the responses it holds (to fetch them again
+    after resume), and a dropped response stays in memory until the cyclic garbage collector
+    runs, which with full-HD frames was hundreds of MB. Only when the queue stays full for
+    ``poll_every_s`` (a third of ``max_poll_interval_ms``) is the consumer polled with every
+    partition paused, so the group never evicts a member whose model is slow.
     """
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         free = out.maxsize - out.qsize()
-        if free <= 0:
-            consumer.pause(*consumer.assignment())
-        elif consumer.paused():
-            consumer.resume(*consumer.paused())
         fetched = await consumer.getmany(timeout_ms=100, max_records=max(1, min(max_records, free)))
         for tp, records in fetched.items():
             for record in records:
                 future = loop.run_in_executor(pool, inspect, record, size, limits, device_jpeg)
                 in_flight.add(1)
-                await out.put(Received(record=record, arrived=time.monotonic(), decoded=future))
+                await _put_polling(consumer, out, Received(record=record, arrived=time.monotonic(), decoded=future),
+                                   poll_every_s)
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 lag = max(0, highwater - (records[-1].offset + 1))
                 metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
     await out.put(END)
+
+
+async def _put_polling(consumer: AIOKafkaConsumer, out: asyncio.Queue, item: Received, poll_every_s: float) -> None:
+    """Put ``item`` when ``out`` has room; every ``poll_every_s`` meanwhile, poll with all partitions
+    paused (it returns nothing and keeps the member in its group), then resume them."""
+    while True:
+        try:
+            # wait_for returns normally if the put completed while timing out, so nothing is put twice.
+            await asyncio.wait_for(out.put(item), poll_every_s)
+            break
+        except TimeoutError:
+            consumer.pause(*consumer.assignment())
+            await consumer.getmany(timeout_ms=0)
+    if consumer.paused():
+        consumer.resume(*consumer.paused())

@@ -16,15 +16,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from catalog.embedder import Embedder
 from catalog.matcher import Matcher
-from catalog.models import load_backbone
+from catalog.models import backbone_of
 from catalog.preprocess import decode, to_tensor
 from catalog.store import Catalog
 
 
 async def run(bootstrap: str, input_topic: str, output_topic: str, group: str, catalog_path: str, count: int) -> None:
     catalog = Catalog.load(catalog_path)
-    backbone = load_backbone(catalog.fingerprint.backbone, weights=catalog.weights_source)
-    embedder = Embedder(backbone, "cpu")
+    embedder = Embedder(backbone_of(catalog.fingerprint, catalog.weights_source, catalog.head()), "cpu")
     matcher = Matcher(catalog, device=torch.device("cpu"))
     consumer = AIOKafkaConsumer(input_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=16 * 1024 * 1024)

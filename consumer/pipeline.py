@@ -45,7 +45,7 @@ from consumer.messages import (
 )
 from consumer.metrics import Metrics
 from consumer.sink import OutRecord, Outcome, Sink, publish, settle
-from consumer.source import END, InFlight, Photo, Poison, Received, fetch
+from consumer.source import END, FetchQueue, InFlight, Photo, Poison, Received, fetch
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ async def run_pipeline(
 ) -> None:
     """Run every stage until ``stop`` is set and the last fetched batch is committed."""
     size = model.embedder.input_size
-    fetched: asyncio.Queue = asyncio.Queue(maxsize=2 * batch_size)
+    fetched = FetchQueue(maxsize=2 * batch_size)
     batched: asyncio.Queue = asyncio.Queue(maxsize=2)
     ready: asyncio.Queue = asyncio.Queue(maxsize=1)
     processed: asyncio.Queue = asyncio.Queue(maxsize=2)

@@ -117,9 +117,32 @@ class InFlight:
             return False
 
 
+class FetchQueue(asyncio.Queue):
+    """The queue of fetched records, whose one writer can wait for room without holding a record."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._taken = asyncio.Event()
+
+    def _get(self):  # every get and get_nowait goes through here (asyncio.Queue's subclass hook)
+        self._taken.set()
+        return super()._get()
+
+    async def wait_for_room(self, timeout_s: float) -> bool:
+        """True as soon as an item can be put; False if the queue stayed full for ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.full():
+                    self._taken.clear()
+                    await self._taken.wait()
+        except TimeoutError:
+            return not self.full()
+        return True
+
+
 async def fetch(
     consumer: AIOKafkaConsumer,
-    out: asyncio.Queue,
+    out: FetchQueue,
     *,
     pool: Executor,
     size: tuple[int, int],
@@ -133,24 +156,29 @@ async def fetch(
 ) -> None:
     """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once.
 
-    Backpressure is waiting for room in ``out``: a slow model holds the backlog in Kafka, and
-    aiokafka keeps at most one fetched response per partition meanwhile. Partitions are not
-    paused for that: pausing makes aiokafka drop the responses it holds (to fetch them again
-    after resume), and a dropped response stays in memory until the cyclic garbage collector
-    runs, which with full-HD frames was hundreds of MB. Only when the queue stays full for
-    ``poll_every_s`` (a third of ``max_poll_interval_ms``) is the consumer polled with every
-    partition paused, so the group never evicts a member whose model is slow.
+    Backpressure is waiting for room in ``out`` before fetching, never holding a record outside
+    it: a slow model leaves the backlog in Kafka, and aiokafka keeps at most one fetched response
+    per partition meanwhile. Partitions are not paused for that: pausing makes aiokafka drop the
+    responses it holds (to fetch them again after resume), and a dropped response stays in memory
+    until the cyclic garbage collector runs, which with full-HD frames was hundreds of MB. Only
+    when the queue stays full for ``poll_every_s`` (a third of ``max_poll_interval_ms``) is the
+    consumer polled with every partition paused, so the group never evicts a member whose model
+    is slow.
     """
     loop = asyncio.get_running_loop()
     while not stop.is_set():
-        free = out.maxsize - out.qsize()
-        fetched = await consumer.getmany(timeout_ms=100, max_records=max(1, min(max_records, free)))
+        if not await out.wait_for_room(poll_every_s):
+            await _poll_paused(consumer)
+            continue
+        if consumer.paused():
+            consumer.resume(*consumer.paused())
+        free = out.maxsize - out.qsize()  # only grows while we wait: this task is the only writer
+        fetched = await consumer.getmany(timeout_ms=100, max_records=min(max_records, free))
         for tp, records in fetched.items():
             for record in records:
                 future = loop.run_in_executor(pool, inspect, record, size, limits, device_jpeg)
                 in_flight.add(1)
-                await _put_polling(consumer, out, Received(record=record, arrived=time.monotonic(), decoded=future),
-                                   poll_every_s)
+                out.put_nowait(Received(record=record, arrived=time.monotonic(), decoded=future))
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 lag = max(0, highwater - (records[-1].offset + 1))
@@ -158,16 +186,10 @@ async def fetch(
     await out.put(END)
 
 
-async def _put_polling(consumer: AIOKafkaConsumer, out: asyncio.Queue, item: Received, poll_every_s: float) -> None:
-    """Put ``item`` when ``out`` has room; every ``poll_every_s`` meanwhile, poll with all partitions
-    paused (it returns nothing and keeps the member in its group), then resume them."""
-    while True:
-        try:
-            # wait_for returns normally if the put completed while timing out, so nothing is put twice.
-            await asyncio.wait_for(out.put(item), poll_every_s)
-            break
-        except TimeoutError:
-            consumer.pause(*consumer.assignment())
-            await consumer.getmany(timeout_ms=0)
-    if consumer.paused():
-        consumer.resume(*consumer.paused())
+async def _poll_paused(consumer: AIOKafkaConsumer) -> None:
+    """Poll with every assigned partition paused: it returns nothing and keeps the member in its
+    group. Should a rebalance end during the poll, records of newly assigned (unpaused)
+    partitions may come back; they are given back by seeking to the first of them."""
+    consumer.pause(*consumer.assignment())
+    for tp, records in (await consumer.getmany(timeout_ms=0)).items():
+        consumer.seek(tp, records[0].offset)

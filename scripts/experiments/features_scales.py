@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from catalog.evaluate import product_scores, top_k_accuracy  # noqa: E402
 from catalog.head import project, train_head  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.preprocess import decode, to_tensor  # noqa: E402
@@ -88,11 +89,10 @@ def vectors(files: list[Path], key: str, pool: str, mirror: bool) -> np.ndarray:
     return unit(np.concatenate(parts, axis=1))
 
 
-def top_k(refs: np.ndarray, ref_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray) -> tuple[float, float]:
-    sim = queries @ refs.T
-    per_product = np.stack([sim[:, ref_y == k].max(axis=1) for k in range(ref_y.max() + 1)], axis=1)
-    order = np.argsort(-per_product, axis=1)
-    return 100 * float((order[:, 0] == query_y).mean()), 100 * float((order[:, :5] == query_y[:, None]).any(1).mean())
+def top_1_5(refs: np.ndarray, ref_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray) -> tuple[float, float]:
+    """Val top-1 and top-5 %, each product scored by its best reference (as `shelfmatch eval` does)."""
+    scores = product_scores(queries, refs, ref_y, int(ref_y.max()) + 1)
+    return 100 * top_k_accuracy(scores, query_y, 1), 100 * top_k_accuracy(scores, query_y, 5)
 
 
 def main() -> int:
@@ -107,11 +107,11 @@ def main() -> int:
         chosen = [files[i] for i in which]
         refs = vectors(chosen, "packshots+train", pool, mirror)
         val = vectors(chosen, "val", pool, mirror)
-        frozen = top_k(refs, ref_y, val, val_y)
+        frozen = top_1_5(refs, ref_y, val, val_y)
         heads = []
         for seed in (0, 1, 2):
             head = train_head(refs, ref_y, out_dim=256, epochs=30, scale=8.0, weight_decay=1e-2, seed=seed)
-            heads.append(top_k(project(head, refs), ref_y, project(head, val), val_y))
+            heads.append(top_1_5(project(head, refs), ref_y, project(head, val), val_y))
         seeds = " / ".join(f"{h[0]:.1f}" for h in heads)
         print(f"| {label} | {refs.shape[1]} | {frozen[0]:.1f} | {seeds} | {np.mean([h[0] for h in heads]):.1f} | "
               f"{np.mean([h[1] for h in heads]):.1f} |", flush=True)

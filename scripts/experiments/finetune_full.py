@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from catalog.evaluate import product_scores, top_k_accuracy  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.preprocess import decode, to_tensor  # noqa: E402
 from quality_report import grocery_sets  # noqa: E402
@@ -71,11 +72,8 @@ def main(argv: list[str]) -> None:
         with torch.inference_mode():
             refs = torch.cat([features(ref_pixels[i:i + 64]) for i in range(0, len(ref_pixels), 64)])
             queries = torch.cat([features(val_pixels[i:i + 64]) for i in range(0, len(val_pixels), 64)])
-        scores = queries @ refs.T
-        per_sku = torch.full((len(queries), len(skus)), -2.0).scatter_reduce(
-            1, y_ref.expand_as(scores), scores, reduce="amax")
-        top = per_sku.topk(5, dim=1).indices
-        return (top[:, 0] == y_val).float().mean().item(), (top == y_val[:, None]).any(1).float().mean().item()
+        scores = product_scores(queries.numpy(), refs.numpy(), y_ref.numpy(), len(skus))
+        return top_k_accuracy(scores, y_val.numpy(), 1), top_k_accuracy(scores, y_val.numpy(), 5)
 
     print(f"before: val top-1 / top-5 {evaluate()}", flush=True)
     augment = v2.Compose([

@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np, torch
 from torch.nn import functional as F
 from concurrent.futures import ThreadPoolExecutor
+from catalog.evaluate import product_scores, top_k_accuracy
 from catalog.models import load_backbone
 from catalog.preprocess import decode, to_tensor
 torch.manual_seed(0)
@@ -60,11 +61,8 @@ def evaluate():
     with torch.inference_mode():
         R = torch.cat([embed(Xtr[i:min(i+256, len(train))]) for i in range(0, len(train), 256)])  # un-flipped references
         Q = torch.cat([embed(Xva[i:i+256]) for i in range(0, len(Xva), 256)])
-        S = Q @ R.T
-        rs = torch.tensor([idx[s] for _, s in train])
-        P = torch.full((len(Q), len(skus)), -2.0).scatter_reduce(1, rs.expand_as(S), S, reduce='amax')
-        top = P.topk(5, dim=1).indices
-        return (top[:, 0] == yva).float().mean().item(), (top == yva[:, None]).any(1).float().mean().item()
+        P = product_scores(Q.numpy(), R.numpy(), np.array([idx[s] for _, s in train]), len(skus))
+        return top_k_accuracy(P, yva.numpy(), 1), top_k_accuracy(P, yva.numpy(), 5)
 opt = torch.optim.AdamW([{'params': tail.parameters(), 'lr': 3e-4}, {'params': [*head.parameters(), proxies], 'lr': 2e-3}], weight_decay=1e-2)
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 steps = EPOCHS * ((len(Xtr) + 63) // 64)

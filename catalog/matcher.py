@@ -31,8 +31,9 @@ def verdict(best: float, second: float | None, threshold: float, min_margin: flo
 
 @dataclass(frozen=True)
 class Match:
-    candidates: tuple[tuple[str, float], ...]  # (sku, score), best first
+    candidates: tuple[tuple[str, float], ...]  # (sku, score), best first; top_k of them
     verdict: Verdict
+    margin: float  # best score minus the runner-up's, even when top_k is 1 (0 with one product)
 
     @property
     def best(self) -> tuple[str, float]:
@@ -84,5 +85,6 @@ class Matcher:
             second = vals[1] if len(vals) > 1 else None
             v = verdict(vals[0], second, self.threshold, self.min_margin)
             cands = tuple((self.skus[i], round(float(s), 6)) for i, s in zip(idxs[: self.top_k], vals[: self.top_k]))
-            results.append(Match(candidates=cands, verdict=v))
+            margin = round(float(vals[0] - second), 6) if second is not None else 0.0
+            results.append(Match(candidates=cands, verdict=v, margin=margin))
         return results

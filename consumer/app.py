@@ -170,7 +170,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         **security,
     )
     if settings.delivery == "exactly-once":
-        sink = TransactionalSink(producer_kwargs, settings.group_id, metrics, health)
+        sink = TransactionalSink(producer_kwargs, settings.group_id, metrics, health, consumer.assignment)
     else:
         sink = Sink(producer_kwargs, consumer, metrics, health, timeout_s=settings.publish_timeout_ms / 1000)
     in_flight = InFlight(metrics)

@@ -114,6 +114,10 @@ class Model:
                 except ImageRejected as exc:
                     out[i] = Poison.of(exc)
                     continue
+                except Exception as exc:
+                    log.exception("unexpected error decoding a photo that the device decoder refused")
+                    out[i] = Poison.unexpected(exc)
+                    continue
                 share += time.perf_counter() - began
             out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + share)
         return out, fallbacks
@@ -164,7 +168,6 @@ def build_outcome(
             continue
         m = next(match_iter)
         best_sku, best_score = m.best
-        runner_up = m.candidates[1][1] if len(m.candidates) > 1 else best_score
         event = MatchEvent(
             event_id=event_id(rec.topic, rec.partition, rec.offset),
             source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
@@ -172,7 +175,7 @@ def build_outcome(
             catalog=model.catalog_ref,
             verdict=m.verdict.value,
             best=Candidate(sku=best_sku, score=best_score),
-            margin=round(best_score - runner_up, 6),
+            margin=m.margin,
             candidates=[Candidate(sku=s, score=v) for s, v in m.candidates],
             threshold=model.matcher.threshold,
             min_margin=model.matcher.min_margin,
@@ -256,14 +259,16 @@ class DrainOnRevoke(ConsumerRebalanceListener):
         if not revoked:
             return
         pending = self._in_flight.count
-        if not await self._in_flight.wait_idle(self._timeout_s):
-            log.warning("rebalance: %d photos still in flight after %.0fs; they will be re-read by the new owner",
-                        self._in_flight.count, self._timeout_s)
-        else:
-            log.info("rebalance: drained %d in-flight photos before giving up %s", pending, sorted(revoked))
+        drained = await self._in_flight.wait_idle(self._timeout_s)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag was recorded for it yet
                 self._metrics.lag.remove(tp.topic, str(tp.partition))
+        if not drained:
+            log.warning("rebalance: %d photos still in flight after %.0fs; they will be re-read by the new owner",
+                        self._in_flight.count, self._timeout_s)
+            await self._sink.drain_timed_out(revoked)
+            return
+        log.info("rebalance: drained %d in-flight photos before giving up %s", pending, sorted(revoked))
         await self._sink.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:

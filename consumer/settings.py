@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     max_poll_interval_ms: int = Field(300_000, ge=1_000, description="longest gap between polls before the group evicts us")
     delivery: Literal["at-least-once", "exactly-once"] = Field(
         "at-least-once", description="at-least-once | exactly-once (Kafka transactions; read the output with read_committed)")
-    publish_timeout_ms: int = Field(30_000, ge=100, description="how long one publish attempt may wait for the broker (then it is retried)")
+    publish_timeout_ms: int = Field(30_000, ge=100, description="how long a publish may wait for acknowledgements before readiness drops; also the request and commit timeout")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # Operations
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics /healthz /readyz server")
     metrics_port: int = Field(9400, ge=0, le=65535, description="its port (0 picks a free one)")
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="longest drain on SIGTERM")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="longest drain on SIGTERM, and before partitions move in a rebalance")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
     @field_validator("allowed_formats", mode="before")

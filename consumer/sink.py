@@ -4,8 +4,10 @@ The order is the at-least-once guarantee and must not change:
 
 1. send every output record of the batch (events and dead letters) to the producer;
 2. wait until the broker has acknowledged *all* of them (``acks=all``, idempotent producer);
-   if any failed, send the whole batch again after a back-off, for as long as it takes
-   (duplicates carry the same ``event_id``; offsets never move past an unpublished photo);
+   if some failed, send those again after a back-off, for as long as it takes (offsets never
+   move past an unpublished photo). A dead letter that its topic refuses as too large (a
+   ``max.message.bytes`` below the input topic's) is sent again without the photo's bytes: its
+   headers still name the source partition and offset, where the photo stays;
 3. only then commit, per partition, the offset after the batch's last record.
 
 Batches settle strictly in the order they were fetched, so a commit never skips a batch.
@@ -15,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
-    CommitFailedError, IllegalStateError, KafkaError, OutOfOrderSequenceNumber, UnknownProducerId,
+    CommitFailedError, IllegalStateError, KafkaError, MessageSizeTooLargeError, OutOfOrderSequenceNumber,
+    RecordTooLargeError, UnknownProducerId,
 )
 
 from consumer.metrics import Metrics
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # Errors after which an idempotent producer cannot go on (its sequence numbers are lost).
 PRODUCER_STATE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId)
+# A record refused for its size (by the broker, or by the producer's max_request_size).
+TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError)
+TRUNCATED_FROM = "dlq-value-truncated-from"
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,31 @@ class Outcome:
     records: list[OutRecord]
     offsets: dict[TopicPartition, int]
     photos: int
-    futures: list[asyncio.Future] = field(default_factory=list, repr=False)
+    futures: list[asyncio.Future] = field(default_factory=list, repr=False)  # one per record
+
+
+def without_value(record: OutRecord) -> OutRecord | None:
+    """The dead letter again with an empty value, for a topic that refused it as too large; the
+    ``dlq-value-truncated-from`` header keeps the original size. None for anything else."""
+    if record.dead_letter is None or not record.value:
+        return None
+    original = dict(record.headers).get(TRUNCATED_FROM, str(len(record.value)).encode())
+    headers = [(k, v) for k, v in record.headers if k != TRUNCATED_FROM] + [(TRUNCATED_FROM, original)]
+    return replace(record, value=b"", headers=headers)
+
+
+def shrink_refused(records: list[OutRecord], failures: dict[int, BaseException]) -> int:
+    """Replace each dead letter in ``records`` whose failure (by index) is a refusal for size by
+    its value-less copy. Returns how many were replaced."""
+    shrunk = 0
+    for i, err in failures.items():
+        smaller = without_value(records[i]) if isinstance(err, TOO_LARGE_ERRORS) else None
+        if smaller is not None:
+            log.warning("%s refused a %d-byte dead letter (%s); sending it without the photo's bytes",
+                        smaller.topic, len(records[i].value), type(err).__name__)
+            records[i] = smaller
+            shrunk += 1
+    return shrunk
 
 
 def record_delivered(metrics: Metrics, records: list[OutRecord], acked_at: float) -> None:
@@ -117,6 +147,10 @@ class Sink:
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Nothing per partition in this mode (see TransactionalSink)."""
 
+    async def drain_timed_out(self, partitions: set[TopicPartition]) -> None:
+        """Nothing to do in this mode: the new owner re-reads what was not committed (duplicates
+        with the same ``event_id``, never a loss)."""
+
     async def start(self) -> None:
         await self._producer.start()
 
@@ -124,50 +158,58 @@ class Sink:
         await self._producer.stop()
 
     async def _renew_producer(self) -> None:
-        """A producer whose idempotence state broke (sequence numbers lost in an outage) is
-        replaced: a new producer id starts clean; duplicates keep their event_id."""
+        """A producer whose idempotence state broke (sequence numbers lost in an outage, or
+        spent on a record the broker refused; aiokafka does not reset them) is replaced: a new
+        producer id starts clean; duplicates keep their event_id."""
         await self._producer.stop()
         self._producer = AIOKafkaProducer(**self._producer_kwargs)
         await self._producer.start()
 
-    async def send(self, outcome: Outcome) -> None:
-        """Hand every record to the producer; delivery is awaited later, in :meth:`settle`."""
-        outcome.futures = []
-        try:
-            for r in outcome.records:
-                outcome.futures.append(
-                    await self._producer.send(r.topic, r.value, key=r.key, headers=r.headers)
-                )
-        except KafkaError as exc:  # e.g. no metadata for a missing topic: settle() retries
-            failed = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            outcome.futures.append(failed)
+    async def send(self, outcome: Outcome, only: list[int] | None = None) -> None:
+        """Hand the records (all, or those at ``only``) to the producer; delivery is awaited
+        later, in :meth:`settle`. ``outcome.futures[i]`` is record i's acknowledgement."""
+        indices = range(len(outcome.records)) if only is None else only
+        if only is None:
+            outcome.futures = [None] * len(outcome.records)
+        failed = None
+        for i in indices:
+            if failed is None:
+                r = outcome.records[i]
+                try:
+                    outcome.futures[i] = await self._producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                    continue
+                except KafkaError as exc:  # e.g. no metadata for a missing topic: settle() retries
+                    failed = asyncio.get_running_loop().create_future()
+                    failed.set_exception(exc)
+            outcome.futures[i] = failed  # not tried: the next attempt sends it
 
     async def settle(self, outcome: Outcome) -> None:
-        """Wait for every acknowledgement (re-sending on failure), then commit the offsets."""
+        """Wait for every acknowledgement (re-sending what failed), then commit the offsets."""
         start = time.perf_counter()
         attempt = 0
         while True:
-            done, pending = await asyncio.wait(outcome.futures, timeout=self._timeout_s)
+            done, pending = await asyncio.wait(set(outcome.futures), timeout=self._timeout_s)
             if pending:
                 # The producer is still retrying (broker unreachable): keep waiting, but show it.
                 degraded(self._health, self._metrics, f"{len(pending)} of {len(outcome.futures)} acknowledgements outstanding "
                                f"after {self._timeout_s:.0f}s")
                 continue
-            errors = [f.exception() for f in done if f.exception() is not None]
-            if not errors:
+            failed = [i for i, f in enumerate(outcome.futures) if f.exception() is not None]
+            if not failed:
                 break
+            errors = [outcome.futures[i].exception() for i in failed]
             for err in errors:
                 if not isinstance(err, KafkaError):
                     raise err
-            delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-            degraded(self._health, self._metrics, f"publishing {len(outcome.records)} records failed ({type(errors[0]).__name__}: "
-                           f"{errors[0]}); retrying in {delay:.1f}s")
-            attempt += 1
-            await asyncio.sleep(delay)
-            if any(isinstance(e, PRODUCER_STATE_ERRORS) for e in errors):
-                await self._renew_producer()
-            await self.send(outcome)
+            if shrink_refused(outcome.records, dict(zip(failed, errors))) < len(failed):
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                degraded(self._health, self._metrics, f"publishing {len(failed)} of {len(outcome.records)} records failed "
+                               f"({type(errors[0]).__name__}: {errors[0]}); retrying in {delay:.1f}s")
+                attempt += 1
+                await asyncio.sleep(delay)
+            if any(isinstance(e, (*PRODUCER_STATE_ERRORS, *TOO_LARGE_ERRORS)) for e in errors):
+                await self._renew_producer()  # a refused record also leaves its sequence numbers behind
+            await self.send(outcome, only=failed)
         acked = time.time()
         if attempt or not self._health.publishing:
             log.info("publishing recovered")

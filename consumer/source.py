@@ -16,7 +16,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from catalog.errors import ImageRejected
-from catalog.preprocess import DecodeLimits, PlainJpeg, decode, decode_unless_plain_jpeg, to_tensor
+from catalog.preprocess import DecodeLimits, PlainJpeg, RejectReason, decode, decode_unless_plain_jpeg, to_tensor
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
 
@@ -48,6 +48,12 @@ class Poison:
     def of(cls, exc: ImageRejected) -> Poison:
         return cls(reason=exc.reason, error=str(exc))
 
+    @classmethod
+    def unexpected(cls, exc: Exception) -> Poison:
+        """A decoder failure that is not a known rejection (a library bug, say): the record still
+        goes to the dead-letter topic instead of crashing the service again after every restart."""
+        return cls(reason=RejectReason.CORRUPT_IMAGE.value, error=f"unexpected {type(exc).__name__}: {exc}")
+
 
 @dataclass
 class Received:
@@ -76,6 +82,9 @@ def inspect(
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
     except ImageRejected as exc:
         return Poison.of(exc)
+    except Exception as exc:
+        log.exception("unexpected error decoding %s-%d@%d", record.topic, record.partition, record.offset)
+        return Poison.unexpected(exc)
     if isinstance(decoded, PlainJpeg):
         return Photo(pixels=None, fields=fields, width=decoded.width, height=decoded.height,
                      decode_s=time.perf_counter() - start, jpeg=decoded)

@@ -11,54 +11,108 @@ Per batch and per input partition, the order is:
 1. begin a transaction on that partition's producer;
 2. send the partition's events and dead letters;
 3. add the batch's next offset for that partition to the transaction;
-4. commit the transaction. On a retriable error, abort and retry the same records; when the
-   producer is fenced, drop the batch: the partition's new owner re-reads it from the last
-   committed offset.
+4. wait until the broker has acknowledged every record (aiokafka would commit a transaction
+   without a record the broker refused), then commit the transaction.
+
+On an error, abort and retry the same records (a dead letter refused as too large goes again
+without the photo's bytes, as in consumer.sink); when the producer is fenced, drop the batch:
+the partition's new owner re-reads it from the last committed offset.
 
 Consumers of the output topic read with ``isolation_level=read_committed`` and see each event
 exactly once, even when a consumer is killed mid-batch.
+
+When this member can no longer tell which producer may commit a partition's batches, it stops
+with an error instead of guessing (the restart resumes from the committed offsets, and whatever
+it had not committed is aborted, so readers see nothing twice):
+
+- a partition it still owns has no producer, its producer failed to start (aiokafka only logs
+  errors raised in a rebalance callback), or its producer was fenced: carrying on would skip its
+  photos;
+- a rebalance drain timed out: batches fetched under the old assignment are still on their way,
+  and if a partition comes back to this member they would commit on its new producer next to
+  the same photos fetched again.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.metrics import Metrics
-from consumer.sink import BACKOFF_S, Health, Outcome, degraded, record_delivered
+from consumer.sink import (
+    BACKOFF_S, PRODUCER_STATE_ERRORS, TOO_LARGE_ERRORS, Health, Outcome, degraded, record_delivered, shrink_refused,
+)
 
 log = logging.getLogger(__name__)
 
 
-class TransactionalSink:
-    """Same interface as :class:`consumer.sink.Sink`, plus partition assignment callbacks."""
+class OwnershipLost(RuntimeError):
+    """This member cannot commit a partition's batches safely any more; the service must restart."""
 
-    def __init__(self, producer_kwargs: dict, group_id: str, metrics: Metrics, health: Health) -> None:
+
+class TransactionalSink:
+    """Same interface as :class:`consumer.sink.Sink`, plus partition assignment callbacks.
+
+    ``assignment`` returns the partitions this member owns now (the consumer's ``assignment``).
+    """
+
+    def __init__(
+        self, producer_kwargs: dict, group_id: str, metrics: Metrics, health: Health,
+        assignment: Callable[[], set[TopicPartition]],
+    ) -> None:
         self._kwargs = producer_kwargs
         self._group_id = group_id
         self._metrics = metrics
         self._health = health
+        self._assignment = assignment
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._started: dict[TopicPartition, asyncio.Task] = {}  # each producer's start()
+        self._lost: str | None = None  # why this member must stop, once it must
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"shelfmatch.{self._group_id}.{tp.topic}.{tp.partition}"
 
     async def assigned(self, partitions: set[TopicPartition]) -> None:
-        for tp in sorted(partitions):
-            if tp not in self._producers:
-                producer = AIOKafkaProducer(transactional_id=self.transactional_id(tp), **self._kwargs)
-                await producer.start()  # initialises the id: fences any previous owner
-                self._producers[tp] = producer
+        """Start a producer per new partition (which fences any previous owner's). aiokafka may
+        fetch a partition before this returns, so settle() waits for its producer's start."""
+        if self._lost is not None:
+            return  # no new producer may fence the batches in flight: settle() stops the service
+        for tp in sorted(partitions - set(self._producers)):
+            self._start_producer(tp)
+        await asyncio.gather(*(self._started[tp] for tp in partitions if tp in self._started))
+
+    def _start_producer(self, tp: TopicPartition) -> None:
+        producer = AIOKafkaProducer(transactional_id=self.transactional_id(tp), **self._kwargs)
+        self._producers[tp] = producer
+        self._started[tp] = asyncio.ensure_future(producer.start())
+
+    async def _renew_producer(self, tp: TopicPartition) -> None:
+        """After a refused record the producer's sequence numbers are ahead of the broker's, and
+        aiokafka does not reset them: a new producer with the same id starts clean (a new epoch)."""
+        await self.revoked({tp})
+        self._start_producer(tp)
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
-            producer = self._producers.pop(tp, None)
+            producer, started = self._producers.pop(tp, None), self._started.pop(tp, None)
+            if started is not None:
+                with contextlib.suppress(Exception):
+                    await started
             if producer is not None:
                 await producer.stop()
+
+    async def drain_timed_out(self, partitions: set[TopicPartition]) -> None:
+        """A rebalance gave these partitions up before their batches were committed. Their
+        producers are left alone (stopping one inside a transaction can hang) and the next
+        settle stops the service."""
+        self._lost = f"a rebalance drain timed out with batches of {sorted(partitions)} still in flight"
+        log.error("%s; stopping so that a restart resumes from the committed offsets", self._lost)
 
     async def start(self) -> None:
         """Producers start per partition, as partitions are assigned."""
@@ -74,29 +128,68 @@ class TransactionalSink:
         by_partition: dict[TopicPartition, list] = defaultdict(list)
         for r in outcome.records:
             by_partition[r.source].append(r)
+        delivered = []
         for tp, offset in outcome.offsets.items():
-            await self._commit_partition(tp, by_partition.get(tp, []), offset)
+            if await self._commit_partition(tp, by_partition.get(tp, []), offset):
+                delivered += by_partition.get(tp, [])
         self._metrics.stage.labels("publish").observe(time.perf_counter() - start)
-        record_delivered(self._metrics, outcome.records, time.time())
+        record_delivered(self._metrics, delivered, time.time())
 
-    async def _commit_partition(self, tp: TopicPartition, records: list, offset: int) -> None:
+    def _check_owner(self, tp: TopicPartition, why: str) -> None:
+        """Dropping a batch is right only when its partition has moved to another member."""
+        if self._lost is not None:
+            raise OwnershipLost(self._lost)
+        if tp in self._assignment():
+            raise OwnershipLost(f"{tp} is still assigned to this member but {why}")
+
+    async def _commit_partition(self, tp: TopicPartition, records: list, offset: int) -> bool:
+        """Commit one partition's share of a batch; False when it was dropped (moved away)."""
         attempt = 0
         while True:
+            if self._lost is not None:
+                raise OwnershipLost(self._lost)
             producer = self._producers.get(tp)
             if producer is None:
+                self._check_owner(tp, "has no transactional producer")
                 log.warning("%s is no longer assigned; its new owner re-reads these photos", tp)
-                return
+                return False
+            try:
+                await self._started[tp]
+            except Exception as exc:
+                raise OwnershipLost(f"the transactional producer of {tp} failed to start ({exc!r})") from exc
+            futures = []
             try:
                 async with producer.transaction():
                     for r in records:
-                        await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                        futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers))
                     await producer.send_offsets_to_transaction({tp: offset}, self._group_id)
+                    # aiokafka commits a transaction even when one of its records was refused (say,
+                    # too large for its topic): that record would be lost. So every record must be
+                    # acknowledged first; a refusal raises here, which aborts the transaction.
+                    if futures:
+                        await asyncio.wait(futures)
+                        for f in futures:
+                            if f.exception() is not None:
+                                raise f.exception()
             except (ProducerFenced, InvalidProducerEpoch):
-                log.warning("producer for %s was fenced by a newer owner; dropping this batch", tp)
                 self._metrics.commit_failures.inc()
                 await self.revoked({tp})
-                return
+                self._check_owner(tp, "its producer was fenced (a transaction outlived transaction.timeout.ms?)")
+                log.warning("producer for %s was fenced by a newer owner; dropping this batch", tp)
+                return False
             except KafkaError as exc:
+                # The transaction was aborted. A dead letter that its topic refused as too large
+                # goes again at once, without the photo's bytes (see consumer.sink).
+                failures = {i: f.exception() for i, f in enumerate(futures)
+                            if f.done() and not f.cancelled() and f.exception()}
+                if len(futures) < len(records):
+                    failures.setdefault(len(futures), exc)  # send() itself raised for this record
+                errors = [exc, *failures.values()]
+                shrunk = shrink_refused(records, failures)
+                if shrunk or any(isinstance(e, (*TOO_LARGE_ERRORS, *PRODUCER_STATE_ERRORS)) for e in errors):
+                    await self._renew_producer(tp)
+                if shrunk:
+                    continue
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 degraded(self._health, self._metrics,
                          f"transaction for {tp} failed ({type(exc).__name__}: {exc}); retrying in {delay:.1f}s")
@@ -104,4 +197,4 @@ class TransactionalSink:
                 await asyncio.sleep(delay)
                 continue
             self._health.set(publishing=True)
-            return
+            return True

@@ -14,7 +14,7 @@ import pytest
 from catalog.build import build_catalog, references_from_folder
 from consumer.messages import MatchEvent
 from tests import photos as P
-from tests.kafka import committed, end_offsets, produce, read_all, read_until
+from tests.kafka import committed, end_offsets, produce, read_all, read_until, unique
 
 pytestmark = pytest.mark.integration
 
@@ -209,6 +209,45 @@ async def test_after_a_clean_stop_the_committed_offsets_reach_the_end(broker, to
     svc = service()
     svc.wait_ready()
     await read_until(broker.bootstrap, topics.output, distinct_ids(len(sent)))
+    assert svc.terminate() == 0
+    ends = await end_offsets(broker.bootstrap, topics.input, topics.partitions)
+    assert await committed(broker.bootstrap, topics.group, topics.input, topics.partitions) == {
+        p: (off if off else None) for p, off in ends.items()
+    }
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+async def test_a_dead_letter_too_large_for_its_topic_goes_without_the_photo(broker, topics, service, delivery):
+    """The input topic takes a 300 kB record that the dead-letter topic (max.message.bytes 100 kB)
+    refuses: that dead letter is published without its value instead of stalling the partition."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    dlq = unique("dlq-small")
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(dlq, 1, 1, topic_configs={"max.message.bytes": "100000"})])
+    finally:
+        await admin.close()
+    good = [path.read_bytes() for path, _ in P.store_photos()[:6]]
+    big, small = P.random_bytes(300_000), P.random_bytes(2_000, seed=8)
+    sent = await produce(broker.bootstrap, topics.input, good[:3] + [big, small] + good[3:],
+                         headers=[[("camera-id", f"c{i}".encode())] for i in range(8)])
+    svc = service(SHELFMATCH_DLQ_TOPIC=dlq, SHELFMATCH_DELIVERY=delivery)
+    svc.wait_ready()
+    isolation = "read_committed" if delivery == "exactly-once" else "read_uncommitted"
+    dead = await read_until(broker.bootstrap, dlq, lambda rs: len(rs) >= 2, isolation_level=isolation)
+    events = await read_until(broker.bootstrap, topics.output, distinct_ids(6), isolation_level=isolation)
+
+    by_source = {(int(dict(r.headers)["dlq-source-partition"]), int(dict(r.headers)["dlq-source-offset"])): r
+                 for r in dead}
+    big_letter, small_letter = (by_source[(sent[i].partition, sent[i].offset)] for i in (3, 4))
+    assert big_letter.value == b"" and dict(big_letter.headers)["dlq-value-truncated-from"] == b"300000"
+    assert dict(big_letter.headers)["dlq-reason"] == b"unsupported-format"
+    assert dict(big_letter.headers)["camera-id"] == b"c3"
+    assert small_letter.value == small and "dlq-value-truncated-from" not in dict(small_letter.headers)
+    assert len(dead) == 2
+    assert {json.loads(r.value)["event_id"] for r in events} == {s.event_id for i, s in enumerate(sent) if i not in (3, 4)}
     assert svc.terminate() == 0
     ends = await end_offsets(broker.bootstrap, topics.input, topics.partitions)
     assert await committed(broker.bootstrap, topics.group, topics.input, topics.partitions) == {

@@ -84,3 +84,21 @@ def test_top_k_larger_than_catalogue_is_clamped():
 def test_empty_batch_gives_no_matches():
     catalog = random_catalog(products=3, refs_per_product=1)
     assert Matcher(catalog, device=torch.device("cpu")).match(torch.zeros((0, 64))) == []
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_margin_is_the_lead_over_the_runner_up_whatever_top_k(top_k):
+    catalog = random_catalog(products=30, refs_per_product=2)
+    queries = unit(np.random.default_rng(3).normal(size=(6, 64))).astype(np.float32)
+    expected = np.sort(reference_scores(catalog, queries), axis=1)[:, ::-1]
+    matches = Matcher(catalog, device=torch.device("cpu"), top_k=top_k, threshold=-1).match(torch.from_numpy(queries))
+    for row, m in enumerate(matches):
+        assert len(m.candidates) == top_k
+        assert m.margin == pytest.approx(expected[row, 0] - expected[row, 1], abs=1e-5)
+        assert m.margin > 0
+
+
+def test_margin_is_zero_with_a_single_product():
+    catalog = random_catalog(products=1, refs_per_product=2)
+    (m,) = Matcher(catalog, device=torch.device("cpu"), top_k=5).match(torch.from_numpy(catalog.embeddings[:1]))
+    assert m.margin == 0.0 and len(m.candidates) == 1

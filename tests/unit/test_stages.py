@@ -39,3 +39,14 @@ async def test_a_decoded_batch_keeps_only_the_bytes_its_dead_letters_need():
     assert isinstance(decoded[1], Poison)
     assert out[0].record.value is None and out[0].record.offset == 0 and out[0].record.key == b"k"
     assert out[1].record.value == bad  # the dead letter carries the original bytes
+
+
+def test_an_unexpected_decoder_error_becomes_a_dead_letter_not_a_crash(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr("consumer.source.decode", broken)
+    path, _ = P.store_photos()[0]
+    result = inspect(record(0, P.encode(P.photo(path), "JPEG", quality=90)), (224, 224), DecodeLimits())
+    assert isinstance(result, Poison)
+    assert result.reason == "corrupt-image" and "RuntimeError: decoder bug" in result.error

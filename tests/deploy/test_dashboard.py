@@ -165,3 +165,27 @@ def test_alert_thresholds_come_from_values():
 def _rule(docs, name):
     rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if r["alert"] == name]
     return rules[0] if rules else None
+
+
+def _no_events_rule(*sets: str) -> dict:
+    args = ["-f", str(CHART / "ci" / "monitoring-values.yaml")]
+    for s in sets:
+        args += ["--set", s]
+    result = template(*args)
+    assert result.returncode == 0, result.stderr
+    return _rule(tuple(d for d in yaml.safe_load_all(result.stdout) if d), "ShelfmatchNoEventsPublished")
+
+
+def test_no_events_alert_fires_on_a_stall_even_when_the_lag_gauge_is_frozen():
+    # A stalled publish stops fetching, so the lag gauge keeps its last value (about 0 for a pod that
+    # kept up): the alert must also look at readiness, which a stalled publish turns off.
+    expr = _no_events_rule()["expr"]
+    assert re.search(r"max by \(namespace\) \(shelfmatch_ready\{[^}]*\}\) == 0", expr), expr
+    assert "absent(shelfmatch_ready" in expr and "[5m]" in expr
+
+
+def test_no_events_alert_does_not_page_a_release_that_keda_scaled_to_zero():
+    scaled_to_zero = _no_events_rule("keda.enabled=true", "kafka.inputPartitions=4", "keda.minReplicaCount=0")
+    assert "absent(" not in scaled_to_zero["expr"]
+    assert "absent(" in _no_events_rule("keda.enabled=true", "kafka.inputPartitions=4")["expr"]
+    assert "[15m]" in _no_events_rule("prometheusRule.alerts.noEventsPublished.window=15m")["expr"]

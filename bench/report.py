@@ -110,15 +110,19 @@ def e2e_section(data: dict) -> list[str]:
         f"{m['device']}, {m['date']}, commit {m['commit']}. Batch size 32, weights `none` (same compute as ImageNet "
         "weights). Store photos: the 50 demo photos (348x348, ~20 kB); full HD: generated 1920x1080 shelf frames.",
         "",
-        "| model | photos | model alone img/s | service img/s | service / model | naive img/s | service / naive | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | photos | model alone img/s | service img/s | service / model | naive img/s | service / naive "
+        "| model alone / naive | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         lines.append(
             f"| {r['model']} | {r['size']} ({r['photo_bytes'] / 1e3:.0f} kB) | {r['model_alone_img_s']:.1f} | "
             f"{r['service_img_s']:.1f} | {r['service_img_s'] / r['model_alone_img_s']:.0%} | {r['naive_img_s']:.1f} | "
-            f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['service_peak_rss_mb']:.0f} |")
-    lines += ["", "Targets: service >= 90% of the model alone, >= 3x the naive consumer.", "",
+            f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['model_alone_img_s'] / r['naive_img_s']:.1f}x | "
+            f"{r['service_peak_rss_mb']:.0f} |")
+    lines += ["", "Targets: service >= 90% of the model alone, >= 3x the naive consumer. A consumer that runs the "
+              "same model cannot beat the model alone by more than the measurement's noise, so \"model alone / naive\" "
+              "is about the ceiling for \"service / naive\" on this machine.", "",
               "Latency at offered loads (input record timestamp to the event's publish timestamp):", "",
               "| model | photos | load | offered img/s | p50 ms | p95 ms | p99 ms | p99 bound at 50% (wait + 3 x batch) |",
               "|---|---|---|---|---|---|---|---|"]

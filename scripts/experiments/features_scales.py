@@ -5,7 +5,8 @@ and val photo is pooled two ways (average, as the product does, and GeM with p =
 and its mirror image, and cached in out/quality/features/. Each variant is then scored on val:
 frozen features (best reference per product), and a head trained with the product's settings
 (catalog.head.train_head: 256-d, 30 epochs, scale 8, weight decay 0.01) over 3 seeds.
-Concatenated variants join the unit vectors of several cached features before the head.
+Concatenated variants join the unit vectors of several cached features before the head. For three
+variants, the same heads are also scored by kNN voting over the nearest references.
 Not part of the product, not run by the tests (about 4-9 minutes per feature set on 2 cores).
 
     .venv/bin/python scripts/experiments/features_scales.py
@@ -13,6 +14,7 @@ Not part of the product, not run by the tests (about 4-9 minutes per feature set
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +45,12 @@ VARIANTS = [  # label, feature sets (concatenated), pooling, mirror test-time au
     ("lite0 @224 + lite2 @260", [0, 3], "avg", False),
     ("lite0 @224 + lite2 @260, GeM, mirror TTA", [0, 3], "gem", True),
     ("lite0 @224 + lite0 @320 + lite2 @260", [0, 1, 3], "avg", False),
+    ("lite0 @224 + lite0 @320 + lite0 @384", [0, 1, 2], "avg", False),
+    ("lite0 @384 + lite2 @260", [2, 3], "avg", False),
+    ("all four", [0, 1, 2, 3], "avg", False),
+    ("all four, GeM, mirror TTA", [0, 1, 2, 3], "gem", True),
 ]
+VOTING = ("lite0 @224 (the product's default)", "lite0 @384", "all four, GeM, mirror TTA")
 
 
 def features(name: str, size: int) -> Path:
@@ -95,12 +102,23 @@ def top_1_5(refs: np.ndarray, ref_y: np.ndarray, queries: np.ndarray, query_y: n
     return 100 * top_k_accuracy(scores, query_y, 1), 100 * top_k_accuracy(scores, query_y, 5)
 
 
+def vote(refs: np.ndarray, ref_y: np.ndarray, queries: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """kNN voting: each product scores the sum of exp((s - 1) / T) over its references among the k nearest."""
+    sims = queries @ refs.T
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    scores = np.zeros((len(queries), int(ref_y.max()) + 1))
+    for i, row in enumerate(nearest):
+        np.add.at(scores[i], ref_y[row], np.exp((sims[i, row] - 1) / temperature))
+    return scores
+
+
 def main() -> int:
     files = [features(name, size) for name, size in FEATURES]
     skus = np.load(files[0])
     index = {s: i for i, s in enumerate(sorted(set(skus["packshots+train/sku"])))}
     ref_y = np.array([index[s] for s in skus["packshots+train/sku"]])
     val_y = np.array([index[s] for s in skus["val/sku"]])
+    voted = defaultdict(list)
     print("| variant | dim | frozen top-1 % | head top-1 % (seeds 0 / 1 / 2) | head top-1 % mean | head top-5 % mean |")
     print("|---|---|---|---|---|---|")
     for label, which, pool, mirror in VARIANTS:
@@ -111,10 +129,19 @@ def main() -> int:
         heads = []
         for seed in (0, 1, 2):
             head = train_head(refs, ref_y, out_dim=256, epochs=30, scale=8.0, weight_decay=1e-2, seed=seed)
-            heads.append(top_1_5(project(head, refs), ref_y, project(head, val), val_y))
+            z_refs, z_val = project(head, refs), project(head, val)
+            heads.append(top_1_5(z_refs, ref_y, z_val, val_y))
+            if label in VOTING:
+                for k, t in ((10, 0.05), (30, 0.05), (30, 0.1)):
+                    voted[(label, k, t)].append(100 * top_k_accuracy(vote(z_refs, ref_y, z_val, k, t), val_y, 1))
         seeds = " / ".join(f"{h[0]:.1f}" for h in heads)
         print(f"| {label} | {refs.shape[1]} | {frozen[0]:.1f} | {seeds} | {np.mean([h[0] for h in heads]):.1f} | "
               f"{np.mean([h[1] for h in heads]):.1f} |", flush=True)
+    print("\nkNN voting instead of the best reference per product (same heads):\n")
+    print("| variant | k | T | head top-1 % (seeds 0 / 1 / 2) | mean |")
+    print("|---|---|---|---|---|")
+    for (label, k, t), accs in voted.items():
+        print(f"| {label} | {k} | {t} | {' / '.join(f'{a:.1f}' for a in accs)} | {np.mean(accs):.1f} |")
     return 0
 
 

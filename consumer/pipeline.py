@@ -114,6 +114,8 @@ class Model:
                 except ImageRejected as exc:
                     out[i] = Poison.of(exc)
                     continue
+                except MemoryError:
+                    raise
                 except Exception as exc:
                     log.exception("unexpected error decoding a photo that the device decoder refused")
                     out[i] = Poison.unexpected(exc)
@@ -259,6 +261,7 @@ class DrainOnRevoke(ConsumerRebalanceListener):
         if not revoked:
             return
         pending = self._in_flight.count
+        self._sink.revoking(revoked)
         drained = await self._in_flight.wait_idle(self._timeout_s)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag was recorded for it yet

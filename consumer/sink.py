@@ -147,6 +147,9 @@ class Sink:
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Nothing per partition in this mode (see TransactionalSink)."""
 
+    def revoking(self, partitions: set[TopicPartition]) -> None:
+        """Nothing per partition in this mode (see TransactionalSink)."""
+
     async def drain_timed_out(self, partitions: set[TopicPartition]) -> None:
         """Nothing to do in this mode: the new owner re-reads what was not committed (duplicates
         with the same ``event_id``, never a loss)."""
@@ -201,7 +204,11 @@ class Sink:
             for err in errors:
                 if not isinstance(err, KafkaError):
                     raise err
-            if shrink_refused(outcome.records, dict(zip(failed, errors))) < len(failed):
+            tried = {}  # records after a send() that raised share its failed future: not tried
+            for i in failed:
+                if all(outcome.futures[i] is not outcome.futures[j] for j in tried):
+                    tried[i] = outcome.futures[i].exception()
+            if shrink_refused(outcome.records, tried) < len(failed):
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 degraded(self._health, self._metrics, f"publishing {len(failed)} of {len(outcome.records)} records failed "
                                f"({type(errors[0]).__name__}: {errors[0]}); retrying in {delay:.1f}s")

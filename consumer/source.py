@@ -82,6 +82,8 @@ def inspect(
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
     except ImageRejected as exc:
         return Poison.of(exc)
+    except MemoryError:
+        raise  # the photo may be fine: not a dead letter
     except Exception as exc:
         log.exception("unexpected error decoding %s-%d@%d", record.topic, record.partition, record.offset)
         return Poison.unexpected(exc)

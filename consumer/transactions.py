@@ -73,6 +73,7 @@ class TransactionalSink:
         self._assignment = assignment
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._started: dict[TopicPartition, asyncio.Task] = {}  # each producer's start()
+        self._revoking: set[TopicPartition] = set()  # being given up in the rebalance under way
         self._lost: str | None = None  # why this member must stop, once it must
 
     def transactional_id(self, tp: TopicPartition) -> str:
@@ -81,16 +82,23 @@ class TransactionalSink:
     async def assigned(self, partitions: set[TopicPartition]) -> None:
         """Start a producer per new partition (which fences any previous owner's). aiokafka may
         fetch a partition before this returns, so settle() waits for its producer's start."""
+        self._revoking.clear()
         if self._lost is not None:
             return  # no new producer may fence the batches in flight: settle() stops the service
         for tp in sorted(partitions - set(self._producers)):
-            self._start_producer(tp)
-        await asyncio.gather(*(self._started[tp] for tp in partitions if tp in self._started))
+            self._start_producer(tp)  # not awaited here: heartbeats wait while this callback runs
 
     def _start_producer(self, tp: TopicPartition) -> None:
         producer = AIOKafkaProducer(transactional_id=self.transactional_id(tp), **self._kwargs)
         self._producers[tp] = producer
-        self._started[tp] = asyncio.ensure_future(producer.start())
+        started = self._started[tp] = asyncio.ensure_future(producer.start())
+        started.add_done_callback(
+            lambda task: task.cancelled() or task.exception() is None
+            or log.error("transactional producer of %s failed to start: %r", tp, task.exception()))
+
+    def revoking(self, partitions: set[TopicPartition]) -> None:
+        """A rebalance began: these partitions may move, and a fence on them is expected."""
+        self._revoking |= partitions
 
     async def _renew_producer(self, tp: TopicPartition) -> None:
         """After a refused record the producer's sequence numbers are ahead of the broker's, and
@@ -135,11 +143,17 @@ class TransactionalSink:
         self._metrics.stage.labels("publish").observe(time.perf_counter() - start)
         record_delivered(self._metrics, delivered, time.time())
 
+    def _moving(self, tp: TopicPartition) -> bool:
+        """True when the partition is being given up or already belongs to another member."""
+        return tp in self._revoking or tp not in self._assignment()
+
     def _check_owner(self, tp: TopicPartition, why: str) -> None:
-        """Dropping a batch is right only when its partition has moved to another member."""
+        """Dropping a batch is right only when its partition moves to another member. A fence
+        outside a rebalance we know of (a transaction that outlived transaction.timeout.ms, or an
+        eviction not yet noticed) stops the service: the restart rejoins and re-reads."""
         if self._lost is not None:
             raise OwnershipLost(self._lost)
-        if tp in self._assignment():
+        if not self._moving(tp):
             raise OwnershipLost(f"{tp} is still assigned to this member but {why}")
 
     async def _commit_partition(self, tp: TopicPartition, records: list, offset: int) -> bool:
@@ -171,6 +185,8 @@ class TransactionalSink:
                         for f in futures:
                             if f.exception() is not None:
                                 raise f.exception()
+                    if self._lost is not None:  # the drain timed out meanwhile: abort, do not commit
+                        raise OwnershipLost(self._lost)
             except (ProducerFenced, InvalidProducerEpoch):
                 self._metrics.commit_failures.inc()
                 await self.revoked({tp})
@@ -187,6 +203,12 @@ class TransactionalSink:
                 errors = [exc, *failures.values()]
                 shrunk = shrink_refused(records, failures)
                 if shrunk or any(isinstance(e, (*TOO_LARGE_ERRORS, *PRODUCER_STATE_ERRORS)) for e in errors):
+                    # A renewed producer fences whoever else holds this id: only for our own partition.
+                    if self._lost is not None:
+                        raise OwnershipLost(self._lost) from exc
+                    if self._moving(tp):
+                        log.warning("%s is moving to another member; its new owner re-reads these photos", tp)
+                        return False
                     await self._renew_producer(tp)
                 if shrunk:
                     continue

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, ProducerFenced
+from aiokafka.errors import ProducerFenced
 from prometheus_client import CollectorRegistry
 
 import consumer.transactions as T
@@ -118,9 +118,8 @@ async def test_a_batch_fetched_before_its_producer_started_waits_for_it(sink, mo
 async def test_an_owned_partition_whose_producer_failed_to_start_stops_the_service(sink):
     ScriptedProducer.fail_start = True
     sink.owned.add(TP)
-    with pytest.raises(KafkaConnectionError):
-        await sink.assigned({TP})  # aiokafka would only log this
-    with pytest.raises(T.OwnershipLost, match="failed to start"):
+    await sink.assigned({TP})  # returns at once: heartbeats wait while the callback runs
+    with pytest.raises(T.OwnershipLost, match="failed to start.*KafkaConnectionError"):
         await sink.settle(outcome())
 
 
@@ -147,6 +146,37 @@ async def test_a_fence_after_the_partition_moved_drops_the_batch(sink):
     ScriptedProducer.fence = True
     await sink.settle(outcome())
     assert TP not in sink._producers and matched(sink) == 0
+
+
+async def test_a_fence_during_a_rebalance_drops_the_batch_and_the_service_goes_on(sink):
+    # aiokafka still lists the partition as assigned until the rebalance completes.
+    sink.owned.add(TP)
+    await sink.assigned({TP})
+    sink.revoking({TP})
+    ScriptedProducer.fence = True
+    await sink.settle(outcome())
+    assert TP not in sink._producers and matched(sink) == 0
+
+
+async def test_a_drain_timeout_during_a_transaction_aborts_it(sink, monkeypatch):
+    acked = asyncio.get_running_loop().create_future()
+
+    async def send(self, topic, value, key=None, headers=None):
+        self._sending.append(value)
+        return acked
+
+    monkeypatch.setattr(ScriptedProducer, "send", send)
+    sink.owned.add(TP)
+    await sink.assigned({TP})
+    producer = sink._producers[TP]
+    settling = asyncio.ensure_future(sink.settle(outcome()))
+    for _ in range(20):  # the transaction is open, waiting for the acknowledgement
+        await asyncio.sleep(0)
+    await sink.drain_timed_out({TP})
+    acked.set_result(None)
+    with pytest.raises(T.OwnershipLost, match="drain timed out"):
+        await settling
+    assert producer.committed == []
 
 
 async def test_after_a_drain_timeout_nothing_more_commits(sink):

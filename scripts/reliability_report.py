@@ -19,7 +19,7 @@ DOC = ROOT / "docs" / "reliability.md"
 GUARANTEE = {
     "consumer kill -9 x3 (10k photos), at-least-once": "nothing lost; duplicates only from the uncommitted window, same event_id",
     "consumer kill -9 x3 (10k photos), exactly-once": "nothing lost, nothing duplicated (read_committed)",
-    "SIGTERM mid-stream, then restart": "batch in hand finished, published, committed; exit 0; no duplicates",
+    "SIGTERM mid-stream, then restart": "everything fetched finished, published, committed; exit 0; no duplicates",
     "broker stop/start mid-stream": "the service survives (no crash loop); nothing lost",
     "second consumer joins, then leaves, at-least-once": "nothing lost across both rebalances",
     "second consumer joins, then leaves, exactly-once": "nothing lost or duplicated; the old owner is fenced",

@@ -25,7 +25,7 @@ from catalog.preprocess import DecodeLimits
 from catalog.store import Catalog
 from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Model, Topics, run_pipeline
-from consumer.settings import Settings
+from consumer.settings import Settings, available_cpus
 from consumer.sink import Health, Sink
 from consumer.transactions import TransactionalSink
 from consumer.source import InFlight
@@ -125,6 +125,10 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     if device.type == "cuda":
         # Shapes are fixed (batch size, input size): let cuDNN pick its fastest kernels once.
         torch.backends.cudnn.benchmark = True
+    elif torch.get_num_threads() > (cpus := available_cpus()):
+        # torch counts the node's cores, not the container's CPU quota: more threads only throttle.
+        log.info("torch CPU threads: %d -> %d (the CPUs this process may use)", torch.get_num_threads(), cpus)
+        torch.set_num_threads(cpus)
     model = load_model(settings, catalog, device)
     metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
     metrics.catalog_products.set(len(catalog.skus))

@@ -6,12 +6,32 @@ environment. Each field is also a ``shelfmatch consume`` flag: ``batch_size`` is
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by the container's CPU quota (cgroup
+    v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), which ``os.cpu_count()`` ignores: a pod limited
+    to 2 CPUs on a 64-core node would otherwise start 64 decode threads and 64 torch threads."""
+    cpus = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            if period_file is None:
+                quota, period = (cgroup / quota_file).read_text().split()[:2]
+            else:
+                quota, period = (cgroup / quota_file).read_text().strip(), (cgroup / period_file).read_text().strip()
+            if quota in ("max", "-1"):
+                return cpus
+            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    return cpus
 
 
 class Settings(BaseSettings):
@@ -57,7 +77,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger photos go to the dead-letter topic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are treated as decompression bombs")
     allowed_formats: Annotated[tuple[str, ...], NoDecode] = Field(("JPEG", "PNG", "WEBP"), description="comma-separated image formats")
-    decode_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="threads decoding photos")
+    decode_workers: int = Field(default_factory=available_cpus, ge=1, description="threads decoding photos")
 
     # Operations
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics /healthz /readyz server")

@@ -77,3 +77,27 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`SHELFMATCH_{name.upper()}`" in readme
+
+
+def _cgroup(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_available_cpus_follow_the_container_quota_not_the_node(tmp_path):
+    import os
+
+    from consumer.settings import available_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(_cgroup(tmp_path / "v2", {"cpu.max": "50000 100000\n"})) == 1  # half a CPU: one thread
+    assert available_cpus(_cgroup(tmp_path / "v2max", {"cpu.max": "max 100000\n"})) == affinity
+    assert available_cpus(_cgroup(tmp_path / "v1", {"cpu/cpu.cfs_quota_us": "100000\n",
+                                                    "cpu/cpu.cfs_period_us": "100000\n"})) == 1
+    assert available_cpus(_cgroup(tmp_path / "v1none", {"cpu/cpu.cfs_quota_us": "-1\n",
+                                                        "cpu/cpu.cfs_period_us": "100000\n"})) == affinity
+    assert available_cpus(tmp_path / "nothing") == affinity
+    big = 1000 * 100000
+    assert available_cpus(_cgroup(tmp_path / "big", {"cpu.max": f"{big} 100000\n"})) == affinity  # never above affinity

@@ -253,6 +253,8 @@ async def test_a_dead_letter_too_large_for_its_topic_goes_without_the_photo(brok
     assert await committed(broker.bootstrap, topics.group, topics.input, topics.partitions) == {
         p: (off if off else None) for p, off in ends.items()
     }
+    # Only the refused record was sent again: the batch's events were not republished.
+    assert len(await read_all(broker.bootstrap, topics.output, isolation_level=isolation)) == 6
 
 
 def test_a_catalogue_the_model_cannot_reproduce_is_refused(tmp_path):

@@ -34,7 +34,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from PIL import Image as PILImage
 
 from catalog.embedder import Embedder
-from catalog.errors import ImageRejected
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
 from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
@@ -111,14 +110,8 @@ class Model:
                 began = time.perf_counter()
                 try:
                     pixels = to_tensor(decode(photo.jpeg.data, size, limits).image)
-                except ImageRejected as exc:
-                    out[i] = Poison.of(exc)
-                    continue
-                except MemoryError:
-                    raise
                 except Exception as exc:
-                    log.exception("unexpected error decoding a photo that the device decoder refused")
-                    out[i] = Poison.unexpected(exc)
+                    out[i] = Poison.of(exc)
                     continue
                 share += time.perf_counter() - began
             out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + share)

@@ -35,6 +35,8 @@ BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 PRODUCER_STATE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId)
 # A record refused for its size (by the broker, or by the producer's max_request_size).
 TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError)
+# After these a producer is replaced: a refused record also leaves its sequence numbers behind.
+RENEW_PRODUCER_ERRORS = (*PRODUCER_STATE_ERRORS, *TOO_LARGE_ERRORS)
 TRUNCATED_FROM = "dlq-value-truncated-from"
 
 
@@ -204,9 +206,10 @@ class Sink:
             for err in errors:
                 if not isinstance(err, KafkaError):
                     raise err
-            tried = {}  # records after a send() that raised share its failed future: not tried
+            tried, seen = {}, set()  # records after a send() that raised share its failed future: not tried
             for i in failed:
-                if all(outcome.futures[i] is not outcome.futures[j] for j in tried):
+                if outcome.futures[i] not in seen:
+                    seen.add(outcome.futures[i])
                     tried[i] = outcome.futures[i].exception()
             if shrink_refused(outcome.records, tried) < len(failed):
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
@@ -214,8 +217,8 @@ class Sink:
                                f"({type(errors[0]).__name__}: {errors[0]}); retrying in {delay:.1f}s")
                 attempt += 1
                 await asyncio.sleep(delay)
-            if any(isinstance(e, (*PRODUCER_STATE_ERRORS, *TOO_LARGE_ERRORS)) for e in errors):
-                await self._renew_producer()  # a refused record also leaves its sequence numbers behind
+            if any(isinstance(e, RENEW_PRODUCER_ERRORS) for e in errors):
+                await self._renew_producer()
             await self.send(outcome, only=failed)
         acked = time.time()
         if attempt or not self._health.publishing:

@@ -45,13 +45,15 @@ class Poison:
     error: str
 
     @classmethod
-    def of(cls, exc: ImageRejected) -> Poison:
-        return cls(reason=exc.reason, error=str(exc))
-
-    @classmethod
-    def unexpected(cls, exc: Exception) -> Poison:
-        """A decoder failure that is not a known rejection (a library bug, say): the record still
-        goes to the dead-letter topic instead of crashing the service again after every restart."""
+    def of(cls, exc: Exception) -> Poison:
+        """The dead letter for a failed decode. A failure that is not a known rejection (a library
+        bug, say) is logged and dead-lettered as corrupt-image, rather than crashing the service
+        again after every restart; a MemoryError is raised again (the photo may be fine)."""
+        if isinstance(exc, ImageRejected):
+            return cls(reason=exc.reason, error=str(exc))
+        if isinstance(exc, MemoryError):
+            raise exc
+        log.error("unexpected error decoding a photo", exc_info=exc)
         return cls(reason=RejectReason.CORRUPT_IMAGE.value, error=f"unexpected {type(exc).__name__}: {exc}")
 
 
@@ -80,13 +82,8 @@ def inspect(
         fields = parse_headers(record.key, record.headers)
         data = record.value or b""
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
-    except ImageRejected as exc:
-        return Poison.of(exc)
-    except MemoryError:
-        raise  # the photo may be fine: not a dead letter
     except Exception as exc:
-        log.exception("unexpected error decoding %s-%d@%d", record.topic, record.partition, record.offset)
-        return Poison.unexpected(exc)
+        return Poison.of(exc)
     if isinstance(decoded, PlainJpeg):
         return Photo(pixels=None, fields=fields, width=decoded.width, height=decoded.height,
                      decode_s=time.perf_counter() - start, jpeg=decoded)

@@ -46,7 +46,7 @@ from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.metrics import Metrics
 from consumer.sink import (
-    BACKOFF_S, PRODUCER_STATE_ERRORS, TOO_LARGE_ERRORS, Health, Outcome, degraded, record_delivered, shrink_refused,
+    BACKOFF_S, RENEW_PRODUCER_ERRORS, Health, Outcome, degraded, record_delivered, shrink_refused,
 )
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class TransactionalSink:
                     failures.setdefault(len(futures), exc)  # send() itself raised for this record
                 errors = [exc, *failures.values()]
                 shrunk = shrink_refused(records, failures)
-                if shrunk or any(isinstance(e, (*TOO_LARGE_ERRORS, *PRODUCER_STATE_ERRORS)) for e in errors):
+                if shrunk or any(isinstance(e, RENEW_PRODUCER_ERRORS) for e in errors):
                     # A renewed producer fences whoever else holds this id: only for our own partition.
                     if self._lost is not None:
                         raise OwnershipLost(self._lost) from exc

@@ -58,7 +58,7 @@ def main() -> int:
             asyncio.run(send(bootstrap, topic, photos, a.photos))
             service = Service(bootstrap, catalog, topic, out, f"g-{run}", delivery=delivery)
 
-            async def drain():
+            async def drain(service: Service = service, out: str = out) -> list:
                 return await watch(service, asyncio.create_task(collect(bootstrap, out, a.photos)))
 
             results[delivery] = rate_of(asyncio.run(drain()))

@@ -163,7 +163,7 @@ class Service:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
 
         def value(name: str) -> float:
-            line = next(l for l in text.splitlines() if l.startswith(name))
+            line = next(ln for ln in text.splitlines() if ln.startswith(name))
             return float(line.split()[-1])
 
         total = sum(value(f'shelfmatch_stage_latency_seconds_sum{{stage="{s}"}}') for s in ("embed", "match"))
@@ -210,9 +210,9 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> d
     for fraction in args.loads:
         rate = fraction * result["service_img_s"]
         n = max(BATCH, int(rate * args.load_seconds))
-        start_count = args.photos + sum(l["photos"] for l in result["loads"])
+        start_count = args.photos + sum(load["photos"] for load in result["loads"])
 
-        async def phase():
+        async def phase(start_count: int = start_count, n: int = n, rate: float = rate) -> list:
             consume = asyncio.create_task(collect(bootstrap, out, start_count + n))
             await send(bootstrap, topic, photos, n, rate=rate)
             return await watch(service, consume)

@@ -80,7 +80,7 @@ def models(device: torch.device, names: list[str], repeat: int, modes: list[tupl
         for precision, execution in modes:
             embedder = Embedder(backbone, device, precision=precision, execution=execution, batch_size=BATCH)
             warm = embedder.warm_up()
-            seconds = timed(lambda: embedder.embed(x), device, repeat)
+            seconds = timed(lambda e=embedder: e.embed(x), device, repeat)
             rows.append({"model": name, "precision": precision, "execution": execution, "warmup_s": warm,
                          "ms_per_batch": seconds * 1e3, "img_s": BATCH / seconds})
             print(f"{name:10s} {precision:5s} {execution:10s} {seconds * 1e3:8.2f} ms/batch "
@@ -105,8 +105,8 @@ def matching(device: torch.device, sizes: list[int], repeat: int) -> tuple[list[
     for n in sizes:
         del matcher
         matcher = Matcher(random_catalog(n, 2048, device), device=device, top_k=5)
-        full = timed(lambda: matcher.match(q), device, repeat)
-        core = timed(lambda: torch.topk(matcher.scores(q), 5, dim=1), device, repeat)
+        full = timed(lambda m=matcher: m.match(q), device, repeat)
+        core = timed(lambda m=matcher: torch.topk(m.scores(q), 5, dim=1), device, repeat)
         rows.append({"catalog": n, "dtype": str(matcher._refs.dtype).split(".")[-1], "ms_per_batch_full": full * 1e3,
                      "ms_per_batch_matmul_topk": core * 1e3})
         print(f"match {n:>9,d} products {rows[-1]['dtype']:8s} full {full * 1e3:7.3f} ms  matmul+top-k "
@@ -216,15 +216,21 @@ def parity(device: torch.device, threshold: float = 0.70) -> dict:
 
     catalog = build_catalog(references_from_folder(P.REFERENCES), model="efficientnet_lite0", device=str(device),
                             progress=False)
-    slow = Embedder(load_backbone("efficientnet_lite0", weights="imagenet"), device, precision="fp32", execution="eager")
-    fast = Embedder(load_backbone("efficientnet_lite0", weights="imagenet"), device, precision="auto",
-                    execution="auto", batch_size=BATCH)
+    lite0 = load_backbone("efficientnet_lite0", weights="imagenet")
+    slow = Embedder(lite0, device, precision="fp32", execution="eager")
+    fast = Embedder(
+        load_backbone("efficientnet_lite0", weights="imagenet"),
+        device,
+        precision="auto",
+        execution="auto",
+        batch_size=BATCH,
+    )
     fast.warm_up()
     decoder = JpegBatchDecoder(device)
     matcher = Matcher(catalog, device=device, threshold=threshold)
     result = {}
     for kind, transform in (("store photos 348x348", lambda b: b), ("upscaled to 1920x1080", _to_frame)):
-        truth, data = zip(*[(sku, transform(path.read_bytes())) for path, sku in P.store_photos()])
+        truth, data = zip(*[(sku, transform(path.read_bytes())) for path, sku in P.store_photos()], strict=True)
         slow_px = torch.stack([to_tensor(decode(d, (224, 224)).image) for d in data])
         fast_px = decoder([probe_plain_jpeg(d) for d in data], (224, 224))  # one batch, as in the service
         a = slow.embed(slow_px)
@@ -232,13 +238,15 @@ def parity(device: torch.device, threshold: float = 0.70) -> dict:
         cos = F.cosine_similarity(a, b).cpu()
         ma, mb = matcher.match(a), matcher.match(b)
         result[kind] = {
-            "photos": len(truth), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-            "top1_agree": sum(x.best[0] == y.best[0] for x, y in zip(ma, mb)) / len(truth),
-            "verdict_agree": sum(x.verdict == y.verdict for x, y in zip(ma, mb)) / len(truth),
+            "photos": len(truth),
+            "cosine_min": float(cos.min()),
+            "cosine_mean": float(cos.mean()),
+            "top1_agree": sum(x.best[0] == y.best[0] for x, y in zip(ma, mb, strict=True)) / len(truth),
+            "verdict_agree": sum(x.verdict == y.verdict for x, y in zip(ma, mb, strict=True)) / len(truth),
             "threshold": threshold,
-            "best_score_max_abs_change": max(abs(x.best[1] - y.best[1]) for x, y in zip(ma, mb)),
-            "top1_correct_catalogue_path": sum(x.best[0] == t for x, t in zip(ma, truth)) / len(truth),
-            "top1_correct_service_path": sum(y.best[0] == t for y, t in zip(mb, truth)) / len(truth),
+            "best_score_max_abs_change": max(abs(x.best[1] - y.best[1]) for x, y in zip(ma, mb, strict=True)),
+            "top1_correct_catalogue_path": sum(x.best[0] == t for x, t in zip(ma, truth, strict=True)) / len(truth),
+            "top1_correct_service_path": sum(y.best[0] == t for y, t in zip(mb, truth, strict=True)) / len(truth),
             "service_path": f"{'nvJPEG' if device.type == 'cuda' else 'libjpeg'} + {fast.describe()}",
         }
         print(kind, json.dumps(result[kind]), flush=True)
@@ -251,7 +259,9 @@ def _to_frame(data: bytes) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.open(io.BytesIO(data)).convert("RGB").resize((1920, 1080), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+    Image.open(io.BytesIO(data)).convert("RGB").resize((1920, 1080), Image.Resampling.BICUBIC).save(
+        buf, "JPEG", quality=90
+    )
     return buf.getvalue()
 
 
@@ -261,17 +271,31 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: check the code paths, not the speed")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "gpu.json")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: models,compile,match,decode,pipeline,parity")
+    p.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: models,compile,match,decode,pipeline,parity"
+    )
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     device = resolve_device(a.device)
     torch.backends.cudnn.benchmark = True
     quick = a.quick
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    out: dict = {"device": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "commit": commit or "unknown",
-                 "cpus": os.cpu_count(), "batch": BATCH, "weights": "untrained ResNets for timing; ImageNet EfficientNet-Lite0 for parity"}
+    card = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    out: dict = {
+        "device": card,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit or "unknown",
+        "cpus": os.cpu_count(),
+        "batch": BATCH,
+        "weights": "untrained ResNets for timing; ImageNet EfficientNet-Lite0 for parity",
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(key: str, value) -> None:

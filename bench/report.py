@@ -24,79 +24,138 @@ def gpu_section(d: dict, source: Path) -> list[str]:
     if ANCHOR.exists():
         a = json.loads(ANCHOR.read_text())
         anchor = {(r["model"], r["mode"]): r["img_s"] for r in a["embed"] if r["bs"] == 32}
-    lines = ["## GPU (`bench/gpu.py`)", "",
-             f"{d['device']}, {d['cpus']} CPU cores, torch {d['torch']}, {d['date']}, commit {d.get('commit', 'not recorded')}, batch {d['batch']}; "
-             f"raw output: `{source.relative_to(ROOT)}`, CUDA unit tests: `docs/data/gpu-device-tests.log`. Weights: {d['weights']}.", ""]
+    lines = [
+        "## GPU (`bench/gpu.py`)",
+        "",
+        f"{d['device']}, {d['cpus']} CPU cores, torch {d['torch']}, {d['date']}, "
+        f"commit {d.get('commit', 'not recorded')}, "
+        f"batch {d['batch']}; "
+        f"raw output: `{source.relative_to(ROOT)}`, CUDA unit tests: `docs/data/gpu-device-tests.log`. "
+        f"Weights: {d['weights']}.",
+        "",
+    ]
     notes = []
     if "models" in d and not any(r["execution"] == "compile" for r in d["models"]) and GPU_COMPILE_RECORD.exists():
         earlier = json.loads(GPU_COMPILE_RECORD.read_text())
         rows = [r for r in earlier.get("models", []) if r["execution"] == "compile"]
         if rows and earlier["device"] == d["device"]:
             d = {**d, "models": d["models"] + rows}
-            notes.append(f"The compile column comes from `{GPU_COMPILE_RECORD.relative_to(ROOT)}` (same card, "
-                         f"{earlier['date']}), where it was the process's first compile.")
+            notes.append(
+                f"The compile column comes from `{GPU_COMPILE_RECORD.relative_to(ROOT)}` (same card, "
+                f"{earlier['date']}), where it was the process's first compile."
+            )
     if "models" in d:
         modes = list(dict.fromkeys(f"{r['precision']} {r['execution']}" for r in d["models"]))
-        lines += ["### Model alone (uint8 batch already on the device; the service's Embedder)", "",
-                  "| model | " + " | ".join(f"{m} img/s" for m in modes) + " | anchor bf16 eager | anchor compiled |",
-                  "|---|" + "---|" * (len(modes) + 2)]
+        lines += [
+            "### Model alone (uint8 batch already on the device; the service's Embedder)",
+            "",
+            "| model | " + " | ".join(f"{m} img/s" for m in modes) + " | anchor bf16 eager | anchor compiled |",
+            "|---|" + "---|" * (len(modes) + 2),
+        ]
         for name in dict.fromkeys(r["model"] for r in d["models"]):
             rate = {f"{r['precision']} {r['execution']}": r["img_s"] for r in d["models"] if r["model"] == name}
             cells = [f"{rate[m]:,.0f}" if m in rate else "" for m in modes]
             ref = [anchor.get((name, k)) for k in ("bf16_cl", "bf16_cl_compiled")]
-            lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{x:,.0f}" if x else "" for x in ref) + " |")
-        warm = [f"{r['execution']} {r['warmup_s']:.2f} s" for r in d["models"]
-                if r["execution"] in ("cuda-graph", "compile") and r["model"] == "resnet50"]
+            lines.append(
+                f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{x:,.0f}" if x else "" for x in ref) + " |"
+            )
+        warm = [
+            f"{r['execution']} {r['warmup_s']:.2f} s"
+            for r in d["models"]
+            if r["execution"] in ("cuda-graph", "compile") and r["model"] == "resnet50"
+        ]
         r50 = {r["execution"]: r["img_s"] for r in d["models"] if r["model"] == "resnet50" and r["precision"] == "bf16"}
         target = anchor.get(("resnet50", "bf16_cl_compiled"))
         if target:
-            lines += ["", f"Target: the model stage within 10% of the compiled anchor ({target:,.0f} img/s): "
-                      + ", ".join(f"{ex} {rate / target:.0%}" for ex, rate in r50.items() if ex != "eager") + "."]
-        lines += ["", "Start-up cost for ResNet-50 (warm-up, before the service reports ready): " + ", ".join(warm) + ".",
-                  *notes, "",
-                  "`SHELFMATCH_EXECUTION=auto` uses the CUDA graph: it needs nothing but the driver. `compile` is "
-                  "faster still, but Triton builds a small C launcher on first use, so the image needs a C compiler "
-                  "(the Dockerfile's runtime stage has none).", ""]
+            lines += [
+                "",
+                f"Target: the model stage within 10% of the compiled anchor ({target:,.0f} img/s): "
+                + ", ".join(f"{ex} {rate / target:.0%}" for ex, rate in r50.items() if ex != "eager")
+                + ".",
+            ]
+        lines += [
+            "",
+            "Start-up cost for ResNet-50 (warm-up, before the service reports ready): " + ", ".join(warm) + ".",
+            *notes,
+            "",
+            "`SHELFMATCH_EXECUTION=auto` uses the CUDA graph: it needs nothing but the driver. `compile` is "
+            "faster still, but Triton builds a small C launcher on first use, so the image needs a C compiler "
+            "(the Dockerfile's runtime stage has none).",
+            "",
+        ]
     if "match" in d:
-        lines += ["### Catalogue match (32 photos, top-5; the service's Matcher)", "",
-                  "| products | dtype | full call ms | matmul + top-k ms |", "|---|---|---|---|"]
+        lines += [
+            "### Catalogue match (32 photos, top-5; the service's Matcher)",
+            "",
+            "| products | dtype | full call ms | matmul + top-k ms |",
+            "|---|---|---|---|",
+        ]
         for r in d["match"]:
-            lines.append(f"| {r['catalog']:,} | {r['dtype']} | {r['ms_per_batch_full']:.3f} | {r['ms_per_batch_matmul_topk']:.3f} |")
+            lines.append(
+                f"| {r['catalog']:,} | {r['dtype']} | {r['ms_per_batch_full']:.3f} "
+                f"| {r['ms_per_batch_matmul_topk']:.3f} |"
+            )
         big = [r for r in d["match"] if r["catalog"] == 1_000_000]
         if big:
             ok = big[0]["ms_per_batch_full"] <= TARGET_MATCH_1M_MS
-            lines += ["", f"Target: 1M products in <= {TARGET_MATCH_1M_MS} ms per batch: "
-                      f"{'met' if ok else 'missed'} ({big[0]['ms_per_batch_full']:.2f} ms).", ""]
+            lines += [
+                "",
+                f"Target: 1M products in <= {TARGET_MATCH_1M_MS} ms per batch: "
+                f"{'met' if ok else 'missed'} ({big[0]['ms_per_batch_full']:.2f} ms).",
+                "",
+            ]
     if "decode" in d:
         dec = d["decode"]
-        lines += ["### Decoding 1920x1080 JPEG to 224x224", "",
-                  f"Frames of {dec['frame_bytes'] / 1e3:.0f} kB. " + ", ".join(
-                      f"{k.replace('_img_s', '').replace('_', ' ')}: {v:,.0f} img/s" for k, v in dec.items()
-                      if k.endswith("_img_s")) + f" ({dec['batched_device_decoder']}, batch 32).", ""]
+        lines += [
+            "### Decoding 1920x1080 JPEG to 224x224",
+            "",
+            f"Frames of {dec['frame_bytes'] / 1e3:.0f} kB. "
+            + ", ".join(
+                f"{k.replace('_img_s', '').replace('_', ' ')}: {v:,.0f} img/s"
+                for k, v in dec.items()
+                if k.endswith("_img_s")
+            )
+            + f" ({dec['batched_device_decoder']}, batch 32).",
+            "",
+        ]
     if "pipeline" in d:
-        lines += ["### Pipeline fed from memory (no broker)", "",
-                  "Header checks in the decode pool, batching, device decoding, embedding, 1M-product match and a "
-                  "MatchEvent per photo: the service's stage functions, records from memory (no fetch, publish or "
-                  "commit). The input is 32 generated 1920x1080 frames of one size, repeated: the decoder's best "
-                  "case (one resize group, no fallback).", "",
-                  "| model | JPEG decoding | precision, execution | photos | photos/s | target |", "|---|---|---|---|---|---|"]
+        lines += [
+            "### Pipeline fed from memory (no broker)",
+            "",
+            "Header checks in the decode pool, batching, device decoding, embedding, 1M-product match and a "
+            "MatchEvent per photo: the service's stage functions, records from memory (no fetch, publish or "
+            "commit). The input is 32 generated 1920x1080 frames of one size, repeated: the decoder's best "
+            "case (one resize group, no fallback).",
+            "",
+            "| model | JPEG decoding | precision, execution | photos | photos/s | target |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in d["pipeline"]:
             mark = ("met" if r["img_s"] >= TARGET_PIPELINE_IMG_S else "missed") if r["jpeg_decoder"] == "device" else ""
-            lines.append(f"| {r['model']} | {r['jpeg_decoder']} | {r['precision']}, {r['execution']} | {r['photos']} | "
-                         f"{r['img_s']:,.0f} | {mark} |")
+            lines.append(
+                f"| {r['model']} | {r['jpeg_decoder']} | {r['precision']}, {r['execution']} | {r['photos']} | "
+                f"{r['img_s']:,.0f} | {mark} |"
+            )
         lines += ["", f"Target: >= {TARGET_PIPELINE_IMG_S:,} photos/s with ResNet-50 on 1920x1080 JPEG.", ""]
     if "parity" in d:
-        lines += ["### Parity of the fast path (ImageNet EfficientNet-Lite0, demo photos, demo catalogue)", "",
-                  "The catalogue is built with Pillow and fp32; the service on a GPU decodes with nvJPEG and runs bf16 "
-                  "in a CUDA graph. How far apart are their embeddings, and do they pick the same product?", "",
-                  "| photos | service path | cosine min | cosine mean | same top-1 | same verdict | largest best-score change | top-1 right (catalogue path) | top-1 right (service path) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Parity of the fast path (ImageNet EfficientNet-Lite0, demo photos, demo catalogue)",
+            "",
+            "The catalogue is built with Pillow and fp32; the service on a GPU decodes with nvJPEG and runs bf16 "
+            "in a CUDA graph. How far apart are their embeddings, and do they pick the same product?",
+            "",
+            "| photos | service path | cosine min | cosine mean | same top-1 | same verdict "
+            "| largest best-score change | top-1 right (catalogue path) | top-1 right (service path) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for kind, r in d["parity"].items():
             verdicts = f"{r['verdict_agree']:.0%} (threshold {r['threshold']})" if "verdict_agree" in r else ""
             change = f"{r['best_score_max_abs_change']:.4f}" if "best_score_max_abs_change" in r else ""
-            lines.append(f"| {r['photos']} {kind} | {r['service_path']} | {r['cosine_min']:.4f} | {r['cosine_mean']:.4f} | "
-                         f"{r['top1_agree']:.0%} | {verdicts} | {change} | {r['top1_correct_catalogue_path']:.0%} | "
-                         f"{r['top1_correct_service_path']:.0%} |")
+            lines.append(
+                f"| {r['photos']} {kind} | {r['service_path']} | {r['cosine_min']:.4f} | {r['cosine_mean']:.4f} | "
+                f"{r['top1_agree']:.0%} | {verdicts} | {change} | {r['top1_correct_catalogue_path']:.0%} | "
+                f"{r['top1_correct_service_path']:.0%} |"
+            )
         lines.append("")
     return lines
 
@@ -119,54 +178,81 @@ def e2e_section(data: dict) -> list[str]:
             f"| {r['model']} | {r['size']} ({r['photo_bytes'] / 1e3:.0f} kB) | {r['model_alone_img_s']:.1f} | "
             f"{r['service_img_s']:.1f} | {r['service_img_s'] / r['model_alone_img_s']:.0%} | {r['naive_img_s']:.1f} | "
             f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['model_alone_img_s'] / r['naive_img_s']:.1f}x | "
-            f"{r['service_peak_rss_mb']:.0f} |")
-    lines += ["", "Targets: service >= 90% of the model alone, >= 3x the naive consumer. A consumer that runs the "
-              "same model cannot beat the model alone by more than the measurement's noise, so \"model alone / naive\" "
-              "is about the ceiling for \"service / naive\" on this machine.", "",
-              "Latency at offered loads (input record timestamp to the event's publish timestamp):", "",
-              "| model | photos | load | offered img/s | p50 ms | p95 ms | p99 ms | p99 bound at 50% (wait + 3 x batch) |",
-              "|---|---|---|---|---|---|---|---|"]
+            f"{r['service_peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "Targets: service >= 90% of the model alone, >= 3x the naive consumer. A consumer that runs the "
+        'same model cannot beat the model alone by more than the measurement\'s noise, so "model alone / naive" '
+        'is about the ceiling for "service / naive" on this machine.',
+        "",
+        "Latency at offered loads (input record timestamp to the event's publish timestamp):",
+        "",
+        "| model | photos | load | offered img/s | p50 ms | p95 ms | p99 ms | p99 bound at 50% (wait + 3 x batch) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["results"]:
         bound = BATCH_MAX_WAIT_MS + 3 * r["batch_service_s"] * 1e3
         for load in r["loads"]:
             mark = ""
             if load["fraction"] == 0.5:
                 mark = f"{bound:.0f} ms: {'met' if load['p99_ms'] <= bound else 'missed'}"
-            lines.append(f"| {r['model']} | {r['size']} | {load['fraction']:.0%} | {load['offered_img_s']:.1f} | "
-                         f"{load['p50_ms']:.0f} | {load['p95_ms']:.0f} | {load['p99_ms']:.0f} | {mark} |")
+            lines.append(
+                f"| {r['model']} | {r['size']} | {load['fraction']:.0%} | {load['offered_img_s']:.1f} | "
+                f"{load['p50_ms']:.0f} | {load['p95_ms']:.0f} | {load['p99_ms']:.0f} | {mark} |"
+            )
     return lines + [""]
 
 
 def seed_section(data: dict) -> list[str]:
-    lines = ["## The research's tables (`bench/seed.py`)", "",
-             f"Device: {data['device']}, torch {data['torch']}, {data['date']}.", "",
-             "| model | seconds for 3000 images (batch 32) | img/s | measured on | research (GTX 1050 Ti) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "## The research's tables (`bench/seed.py`)",
+        "",
+        f"Device: {data['device']}, torch {data['torch']}, {data['date']}.",
+        "",
+        "| model | seconds for 3000 images (batch 32) | img/s | measured on | research (GTX 1050 Ti) |",
+        "|---|---|---|---|---|",
+    ]
     for r in data["table1"]:
         research = f"{r['research_s']} s" if r["research_s"] else ""
-        lines.append(f"| {r['model']} | {r['seconds_for_3000']:.1f} | {r['img_s']:.1f} | {r['images_measured']} images "
-                     f"(scaled to 3000) | {research} |")
+        lines.append(
+            f"| {r['model']} | {r['seconds_for_3000']:.1f} | {r['img_s']:.1f} | {r['images_measured']} images "
+            f"(scaled to 3000) | {research} |"
+        )
     t2 = data["table2"]
-    lines += ["", f"3000 x 100 cosine similarities: element-wise {t2['elementwise_s']:.2f} s, one normalised matmul "
-              f"{t2['matmul_s'] * 1e3:.2f} ms ({t2['ratio']:.0f}x); the research measured 25.4 s vs 0.7 s.", ""]
+    lines += [
+        "",
+        f"3000 x 100 cosine similarities: element-wise {t2['elementwise_s']:.2f} s, one normalised matmul "
+        f"{t2['matmul_s'] * 1e3:.2f} ms ({t2['ratio']:.0f}x); the research measured 25.4 s vs 0.7 s.",
+        "",
+    ]
     return lines
 
 
 def main() -> int:
-    lines = ["# Performance", "",
-             "Generated by `bench/report.py` from the output of `bench/e2e.py`, `bench/delivery.py`, `bench/seed.py` and `bench/gpu.py`. Do not edit by hand.", ""]
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `bench/report.py` from the output of `bench/e2e.py`, `bench/delivery.py`, `bench/seed.py` "
+        "and `bench/gpu.py`. Do not edit by hand.",
+        "",
+    ]
     found = False
     if (OUT / "e2e.json").exists():
         lines += e2e_section(json.loads((OUT / "e2e.json").read_text()))
         found = True
     if (OUT / "delivery.json").exists():
         d = json.loads((OUT / "delivery.json").read_text())
-        lines += ["## Cost of exactly-once (`bench/delivery.py`)", "",
-                  f"The same backlog of {d['photos']} store photos drained once per mode ({d['model']}, batch "
-                  f"{d['batch_size']}, {d['date']}): at-least-once {d['photos_s']['at-least-once']:.1f} photos/s, "
-                  f"exactly-once {d['photos_s']['exactly-once']:.1f} photos/s "
-                  f"({d['exactly_once_vs_at_least_once']:.0%} of at-least-once). Exactly-once commits one transaction "
-                  "per input partition and batch, sequentially.", ""]
+        lines += [
+            "## Cost of exactly-once (`bench/delivery.py`)",
+            "",
+            f"The same backlog of {d['photos']} store photos drained once per mode ({d['model']}, batch "
+            f"{d['batch_size']}, {d['date']}): at-least-once {d['photos_s']['at-least-once']:.1f} photos/s, "
+            f"exactly-once {d['photos_s']['exactly-once']:.1f} photos/s "
+            f"({d['exactly_once_vs_at_least_once']:.0%} of at-least-once). Exactly-once commits one transaction "
+            "per input partition and batch, sequentially.",
+            "",
+        ]
         found = True
     if (OUT / "seed.json").exists():
         lines += seed_section(json.loads((OUT / "seed.json").read_text()))

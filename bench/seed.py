@@ -47,9 +47,19 @@ def table1(models: list[str], images: int, device: torch.device) -> list[dict]:
             embedder.embed(batch)
         sync(device)
         seconds = time.perf_counter() - start
-        rows.append({"model": name, "images_measured": batches * 32, "seconds_for_3000": seconds * 3000 / (batches * 32),
-                     "img_s": batches * 32 / seconds, "research_s": RESEARCH_T1.get(name)})
-        print(f"{name:10s} {rows[-1]['seconds_for_3000']:8.2f} s for 3000 images ({rows[-1]['img_s']:.1f} img/s)", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "images_measured": batches * 32,
+                "seconds_for_3000": seconds * 3000 / (batches * 32),
+                "img_s": batches * 32 / seconds,
+                "research_s": RESEARCH_T1.get(name),
+            }
+        )
+        print(
+            f"{name:10s} {rows[-1]['seconds_for_3000']:8.2f} s for 3000 images ({rows[-1]['img_s']:.1f} img/s)",
+            flush=True,
+        )
     return rows
 
 
@@ -70,8 +80,10 @@ def table2(dim: int = 2048) -> dict:
     m = xn @ yn.T
     matmul = time.perf_counter() - start
     assert np.allclose(m, s, atol=1e-4)
-    print(f"3000 x 100: element-wise {elementwise:.2f} s, one matmul {matmul * 1e3:.2f} ms "
-          f"({elementwise / matmul:.0f}x)", flush=True)
+    print(
+        f"3000 x 100: element-wise {elementwise:.2f} s, one matmul {matmul * 1e3:.2f} ms ({elementwise / matmul:.0f}x)",
+        flush=True,
+    )
     return {"elementwise_s": elementwise, "matmul_s": matmul, "ratio": elementwise / matmul, "research": RESEARCH_T2}
 
 
@@ -83,8 +95,13 @@ def main() -> int:
     a = p.parse_args()
     device = resolve_device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "table1": table1(a.models.split(","), a.images, device), "table2": table2()}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "table1": table1(a.models.split(","), a.images, device),
+        "table2": table2(),
+    }
     out = ROOT / "out" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "seed.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -113,12 +113,12 @@ def embed_images(
             pixels = torch.stack(list(pool.map(load, enumerate(chunk, start))))
             vectors.append(embedder.embed(pixels).cpu().numpy())
             bar.update(len(chunk))
-    return np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.fingerprint.dim), np.float32)
+    return (
+        np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.fingerprint.dim), np.float32)
+    )
 
 
-def catalog_from_vectors(
-    refs: list[Reference], vectors: np.ndarray, backbone: LoadedBackbone, weights: str
-) -> Catalog:
+def catalog_from_vectors(refs: list[Reference], vectors: np.ndarray, backbone: LoadedBackbone, weights: str) -> Catalog:
     skus = tuple(sorted({r.sku for r in refs}))
     sku_index = {s: i for i, s in enumerate(skus)}
     return Catalog(
@@ -128,15 +128,22 @@ def catalog_from_vectors(
         fingerprint=backbone.fingerprint,
         weights_source=weights,
         references=tuple(str(r.path) for r in refs),
-        head_state=None if backbone.head is None else {
-            k: v.detach().cpu().numpy() for k, v in backbone.head.state_dict().items()
-        },
+        head_state=None
+        if backbone.head is None
+        else {k: v.detach().cpu().numpy() for k, v in backbone.head.state_dict().items()},
     )
 
 
 def build_catalog(
-    refs: list[Reference], *, model: str, weights: str = "imagenet", device: str = "auto",
-    batch_size: int = 32, workers: int = 4, progress: bool = True, cache: Path | None = None,
+    refs: list[Reference],
+    *,
+    model: str,
+    weights: str = "imagenet",
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 4,
+    progress: bool = True,
+    cache: Path | None = None,
     input_size: int | None = None,
 ) -> Catalog:
     """Embed every reference image and assemble the catalogue (rows in input order).
@@ -145,7 +152,12 @@ def build_catalog(
     """
     backbone = load_backbone(model, weights=weights, input_size=input_size)
     vectors = embed_images(
-        [r.path for r in refs], Embedder(backbone, device), batch_size=batch_size, workers=workers,
-        progress=progress, desc=f"embedding with {model}", cache=cache,
+        [r.path for r in refs],
+        Embedder(backbone, device),
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        desc=f"embedding with {model}",
+        cache=cache,
     )
     return catalog_from_vectors(refs, vectors, backbone, weights)

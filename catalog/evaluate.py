@@ -182,7 +182,7 @@ def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out_dir) -> list[str
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.2), squeeze=False)
-    for ax, (name, (scores, truth)) in zip(axes[0], results.items()):
+    for ax, (name, (scores, truth)) in zip(axes[0], results.items(), strict=True):
         true = scores[np.arange(len(truth)), truth]
         wrong = scores.copy()
         wrong[np.arange(len(truth)), truth] = -np.inf
@@ -199,8 +199,10 @@ def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out_dir) -> list[str
 
 
 def format_table(q: Quality) -> str:
-    lines = [f"{q.method}: {q.queries} photos, {q.products} products, top-1 {100 * q.top1:.1f}%, top-5 {100 * q.top5:.1f}%",
-             "  threshold   recall %   false positives per true positive %"]
+    lines = [
+        f"{q.method}: {q.queries} photos, {q.products} products, top-1 {100 * q.top1:.1f}%, top-5 {100 * q.top5:.1f}%",
+        "  threshold   recall %   false positives per true positive %",
+    ]
     for r in q.table:
         lines.append(f"  {r.threshold:9.2f}   {100 * r.recall:8.1f}   {100 * r.fp_per_tp:8.1f}")
     return "\n".join(lines)

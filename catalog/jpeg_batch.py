@@ -31,7 +31,6 @@ from torch.nn import functional as F
 
 from catalog.preprocess import PlainJpeg
 
-
 # Full-resolution float pixels resized in one call; bounds the memory a batch of large frames takes.
 RESIZE_CHUNK_PIXELS = 64_000_000
 
@@ -101,7 +100,7 @@ class JpegBatchDecoder:
         width, height = size
         out: list[torch.Tensor | None] = [None] * len(images)
         same_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, (img, jpeg) in enumerate(zip(images, jpegs)):
+        for i, (img, jpeg) in enumerate(zip(images, jpegs, strict=True)):
             if img is not None and tuple(img.shape) == (3, jpeg.height, jpeg.width):
                 same_shape[tuple(img.shape)].append(i)
         for shape, idx in same_shape.items():  # one resize per frame size (cameras repeat theirs)
@@ -119,6 +118,6 @@ class JpegBatchDecoder:
                     resized = batch.round_().clamp_(0, 255).to(torch.uint8)
                 except RuntimeError:  # incl. torch.OutOfMemoryError: these go to Pillow
                     continue
-                for i, img in zip(chunk, resized):
+                for i, img in zip(chunk, resized, strict=True):
                     out[i] = img
         return out

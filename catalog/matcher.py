@@ -7,14 +7,14 @@ best reference: the row scores are reduced per product with ``scatter_reduce(ama
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 from catalog.store import Catalog
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     MATCH = "match"  # best >= threshold and best - second >= min_margin
     AMBIGUOUS = "ambiguous"  # best >= threshold but another product is too close
     UNKNOWN = "unknown"  # best < threshold
@@ -81,10 +81,12 @@ class Matcher:
         top = torch.topk(self.scores(vectors), k, dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         results = []
-        for vals, idxs in zip(values, indices):
+        for vals, idxs in zip(values, indices, strict=True):
             second = vals[1] if len(vals) > 1 else None
             v = verdict(vals[0], second, self.threshold, self.min_margin)
-            cands = tuple((self.skus[i], round(float(s), 6)) for i, s in zip(idxs[: self.top_k], vals[: self.top_k]))
+            cands = tuple(
+                (self.skus[i], round(float(s), 6)) for i, s in zip(idxs[: self.top_k], vals[: self.top_k], strict=True)
+            )
             margin = round(float(vals[0] - second), 6) if second is not None else 0.0
             results.append(Match(candidates=cands, verdict=v, margin=margin))
         return results

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class Fingerprint:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Fingerprint":
+    def from_dict(cls, d: dict) -> Fingerprint:
         p = d["preprocessing"]
         pre = Preprocessing(
             size=tuple(p["size"]), resample=p["resample"], mean=tuple(p["mean"]), std=tuple(p["std"])
@@ -85,7 +85,7 @@ class LoadedBackbone:
     weights_source: str
     head: nn.Module | None = None
 
-    def with_head(self, head: "ProjectionHead") -> "LoadedBackbone":
+    def with_head(self, head: ProjectionHead) -> LoadedBackbone:
         """The same backbone followed by a trained projection head (its own vector space)."""
         fp = replace(self.fingerprint, dim=head.out_dim, head=head.identity())
         return LoadedBackbone(network=self.network, fingerprint=fp, weights_source=self.weights_source, head=head)
@@ -111,7 +111,7 @@ class ProjectionHead(nn.Module):
         return f"sha256:{digest.hexdigest()[:16]}"
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "ProjectionHead":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> ProjectionHead:
         out_dim, in_dim = state["linear.weight"].shape
         head = cls(in_dim, out_dim)
         head.load_state_dict(state)
@@ -252,9 +252,9 @@ def _fit_state(network: nn.Module, state: dict, backbone: str) -> dict:
     if set(state) == set(target):
         return state
     if len(state) == len(target) and all(
-        tuple(a.shape) == tuple(b.shape) for a, b in zip(state.values(), target.values())
+        tuple(a.shape) == tuple(b.shape) for a, b in zip(state.values(), target.values(), strict=True)
     ):
-        return dict(zip(target.keys(), state.values()))
+        return dict(zip(target.keys(), state.values(), strict=True))
     missing = sorted(set(target) - set(state))[:3]
     raise WeightsUnavailableError(
         f"the checkpoint does not fit {backbone}: {len(state)} tensors against {len(target)} "
@@ -262,7 +262,9 @@ def _fit_state(network: nn.Module, state: dict, backbone: str) -> dict:
     )
 
 
-def load_backbone(name: str, *, weights: str = "imagenet", input_size: int | tuple[int, int] | None = None) -> LoadedBackbone:
+def load_backbone(
+    name: str, *, weights: str = "imagenet", input_size: int | tuple[int, int] | None = None,
+) -> LoadedBackbone:
     """Build backbone ``name`` with weights from ``weights`` (``imagenet``, ``none`` or a path).
 
     ``input_size`` (pixels, square or (width, height)) overrides the resolution the weights were
@@ -296,7 +298,7 @@ def load_backbone(name: str, *, weights: str = "imagenet", input_size: int | tup
     return LoadedBackbone(network=network, fingerprint=fingerprint, weights_source=weights)
 
 
-def backbone_of(fingerprint: Fingerprint, weights: str, head: "ProjectionHead | None" = None) -> LoadedBackbone:
+def backbone_of(fingerprint: Fingerprint, weights: str, head: ProjectionHead | None = None) -> LoadedBackbone:
     """Rebuild the model a catalogue was made with: its backbone at its input size, its head if any."""
     backbone = load_backbone(fingerprint.backbone, weights=weights, input_size=fingerprint.preprocessing.size)
     return backbone.with_head(head) if head is not None else backbone

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from catalog.errors import ImageRejected
 
 
-class RejectReason(str, Enum):
+class RejectReason(StrEnum):
     """Stable codes for an image that cannot be matched (the dead-letter ``dlq-reason``)."""
 
     EMPTY = "empty"

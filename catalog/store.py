@@ -20,16 +20,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from catalog.errors import CatalogFileError
-import torch
-
 from catalog.models import Fingerprint, ProjectionHead
 
 FORMAT = "shelfmatch-catalog/1"
@@ -51,7 +50,7 @@ class Catalog:
     fingerprint: Fingerprint
     weights_source: str = "imagenet"
     references: tuple[str, ...] = ()
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     calibration: Calibration | None = None
     head_state: dict[str, np.ndarray] | None = None  # projection head weights, when trained
 
@@ -101,7 +100,7 @@ class Catalog:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Catalog":
+    def load(cls, path: str | Path) -> Catalog:
         path = Path(path)
         if not path.is_file():
             raise CatalogFileError(f"catalogue file {path} does not exist")
@@ -150,6 +149,7 @@ class Catalog:
             f"input        {self.fingerprint.preprocessing.size[0]}x{self.fingerprint.preprocessing.size[1]} "
             f"{self.fingerprint.preprocessing.resample}, mean {self.fingerprint.preprocessing.mean}, "
             f"std {self.fingerprint.preprocessing.std}",
-            "calibration  " + ("none" if cal is None else f"threshold {cal.threshold:.3f}, min margin {cal.min_margin:.3f}"),
+            "calibration  "
+            + ("none" if cal is None else f"threshold {cal.threshold:.3f}, min margin {cal.min_margin:.3f}"),
         ]
         return "\n".join(lines)

@@ -27,8 +27,8 @@ from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Model, Topics, run_pipeline
 from consumer.settings import Settings, available_cpus
 from consumer.sink import Health, Sink
-from consumer.transactions import TransactionalSink
 from consumer.source import InFlight
+from consumer.transactions import TransactionalSink
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Mo
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -188,20 +188,34 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
         consumer.subscribe([settings.input_topic], listener=listener)
         health.set(consuming=True)
         log.info("consuming %s as group %s (%s)", settings.input_topic, settings.group_id, settings.delivery)
-        pipeline = asyncio.create_task(run_pipeline(
-            consumer, sink, model=model,
-            topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
-            decode_pool=decode_pool, model_pool=model_pool, device_pool=device_pool, limits=limits, batch_size=settings.batch_size,
-            batch_max_wait_s=settings.batch_max_wait_ms / 1000, in_flight=in_flight, metrics=metrics, stop=stop,
-            poll_every_s=settings.max_poll_interval_ms / 3000,
-        ), name="pipeline")
+        pipeline = asyncio.create_task(
+            run_pipeline(
+                consumer,
+                sink,
+                model=model,
+                topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
+                decode_pool=decode_pool,
+                model_pool=model_pool,
+                device_pool=device_pool,
+                limits=limits,
+                batch_size=settings.batch_size,
+                batch_max_wait_s=settings.batch_max_wait_ms / 1000,
+                in_flight=in_flight,
+                metrics=metrics,
+                stop=stop,
+                poll_every_s=settings.max_poll_interval_ms / 3000,
+            ),
+            name="pipeline",
+        )
         await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not pipeline.done():
             log.info("stopping: draining %d in-flight photos", in_flight.count)
             try:
                 await asyncio.wait_for(asyncio.shield(pipeline), settings.shutdown_timeout_s)
             except TimeoutError:
-                log.error("drain did not finish in %.0fs; uncommitted photos will be re-read", settings.shutdown_timeout_s)
+                log.error(
+                    "drain did not finish in %.0fs; uncommitted photos will be re-read", settings.shutdown_timeout_s
+                )
                 pipeline.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pipeline

@@ -7,10 +7,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from catalog.errors import CatalogError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Embeddings of evaluation images are reused between runs while files and model are unchanged.
 CACHE = Path(".cache") / "features"
@@ -56,7 +60,7 @@ def _model_for(catalog, device: str):
     return Embedder(backbone_of(catalog.fingerprint, catalog.weights_source, catalog.head()), device)
 
 
-def _truth(catalog_skus, refs) -> "np.ndarray":
+def _truth(catalog_skus, refs) -> np.ndarray:
     import numpy as np
 
     index = {s: i for i, s in enumerate(catalog_skus)}
@@ -75,7 +79,7 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
     from catalog.store import Catalog
 
     catalog = Catalog.load(args.catalog)
-    refs = [Reference(Path(p), catalog.skus[i]) for p, i in zip(catalog.references, catalog.row_sku)]
+    refs = [Reference(Path(p), catalog.skus[i]) for p, i in zip(catalog.references, catalog.row_sku, strict=True)]
     missing = [r.path for r in refs if not r.path.is_file()]
     if missing:
         raise CatalogError(f"{len(missing)} reference images of the catalogue are missing, e.g. {missing[0]}")
@@ -109,19 +113,27 @@ def _catalog_calibrate(args: argparse.Namespace) -> int:
     scores = product_scores(vectors, catalog.embeddings, catalog.row_sku, len(catalog.skus))
     point = calibrate(scores, _truth(catalog.skus, refs), target_precision=args.target_precision)
     out = args.out or args.catalog
-    replace(catalog, calibration=Calibration(threshold=round(point.threshold, 6), min_margin=point.min_margin)).save(out)
-    print(f"threshold {point.threshold:.4f}, min margin {point.min_margin:.3f}: precision "
-          f"{100 * point.precision:.1f}%, recall {100 * point.recall:.1f}% on {len(refs)} photos -> {out}")
+    replace(catalog, calibration=Calibration(threshold=round(point.threshold, 6), min_margin=point.min_margin)).save(
+        out
+    )
+    print(
+        f"threshold {point.threshold:.4f}, min margin {point.min_margin:.3f}: precision "
+        f"{100 * point.precision:.1f}%, recall {100 * point.recall:.1f}% on {len(refs)} photos -> {out}"
+    )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from catalog.baselines import baseline_vectors
     from catalog.build import build_catalog, embed_images
     from catalog.evaluate import (
-        RESEARCH_THRESHOLDS, cross_validated_calibration, format_table, operating_point, plot, product_scores,
+        RESEARCH_THRESHOLDS,
+        cross_validated_calibration,
+        format_table,
+        operating_point,
+        plot,
+        product_scores,
         quality,
     )
     from catalog.store import Catalog
@@ -136,16 +148,21 @@ def _eval(args: argparse.Namespace) -> int:
     if args.references or args.references_manifest:
         refs = _labelled(args.references, args.references_manifest, "references")
         for model in filter(None, (args.models or "").split(",")):
-            catalogs[f"{model} ({args.weights})"] = build_catalog(refs, model=model, weights=args.weights,
-                                                                  device=args.device, cache=CACHE)
+            catalogs[f"{model} ({args.weights})"] = build_catalog(
+                refs, model=model, weights=args.weights, device=args.device, cache=CACHE
+            )
     if not catalogs:
         raise CatalogError("give --catalog FILE, or --references/--references-manifest with --models")
     results, report = {}, {"queries": len(queries), "thresholds": list(thresholds), "methods": []}
     for name, catalog in catalogs.items():
-        vectors = embed_images([r.path for r in queries], _model_for(catalog, args.device), cache=CACHE,
-                               desc=f"queries: {name}")
-        results[name] = (product_scores(vectors, catalog.embeddings, catalog.row_sku, len(catalog.skus)),
-                         _truth(catalog.skus, queries), catalog)
+        vectors = embed_images(
+            [r.path for r in queries], _model_for(catalog, args.device), cache=CACHE, desc=f"queries: {name}"
+        )
+        results[name] = (
+            product_scores(vectors, catalog.embeddings, catalog.row_sku, len(catalog.skus)),
+            _truth(catalog.skus, queries),
+            catalog,
+        )
     methods = [m for m in (args.methods or "").split(",") if m]
     if methods:
         base = next(iter(catalogs.values()))
@@ -153,8 +170,11 @@ def _eval(args: argparse.Namespace) -> int:
         query_paths = [r.path for r in queries]
         for method in methods:
             ref_vecs = baseline_vectors(method, base_refs)
-            results[method] = (product_scores(baseline_vectors(method, query_paths), ref_vecs, base.row_sku,
-                                              len(base.skus)), _truth(base.skus, queries), base)
+            results[method] = (
+                product_scores(baseline_vectors(method, query_paths), ref_vecs, base.row_sku, len(base.skus)),
+                _truth(base.skus, queries),
+                base,
+            )
     for name, (scores, truth, catalog) in results.items():
         q = quality(name, scores, truth, thresholds)
         print(format_table(q))
@@ -163,11 +183,15 @@ def _eval(args: argparse.Namespace) -> int:
             cal = catalog.calibration
             point = operating_point(scores, truth, cal.threshold, cal.min_margin)
             entry["stored_calibration"] = vars(point)
-            print(f"  at the catalogue's calibration (threshold {cal.threshold:.4f}, min margin {cal.min_margin:.3f}): "
-                  f"precision {100 * point.precision:.1f}%, recall {100 * point.recall:.1f}%")
+            print(
+                f"  at the catalogue's calibration (threshold {cal.threshold:.4f}, min margin {cal.min_margin:.3f}): "
+                f"precision {100 * point.precision:.1f}%, recall {100 * point.recall:.1f}%"
+            )
         if args.target_precision and name in catalogs:
             try:
-                entry["cross_validated"] = cross_validated_calibration(scores, truth, target_precision=args.target_precision)
+                entry["cross_validated"] = cross_validated_calibration(
+                    scores, truth, target_precision=args.target_precision
+                )
             except ValueError as exc:
                 entry["cross_validated"] = str(exc)
         report["methods"].append(entry)
@@ -224,15 +248,21 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="shelfmatch", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
 
-    cat = sub.add_parser("catalog", help="build or inspect a catalogue file").add_subparsers(dest="action", required=True)
+    cat = sub.add_parser("catalog", help="build or inspect a catalogue file").add_subparsers(
+        dest="action", required=True
+    )
     build = cat.add_parser("build", help="embed reference images into a catalogue file")
     build.add_argument("--images", help="folder of references: DIR/<sku>/<image> (base folder for --manifest)")
     build.add_argument("--manifest", help="CSV with columns path,sku")
     build.add_argument("--model", required=True, choices=BACKBONES)
     build.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a checkpoint")
-    build.add_argument("--input-size", type=int, metavar="PIXELS",
-                       help="square input size instead of the backbone's own (224 for ResNets); costs about "
-                            "(PIXELS/224)^2 more compute per photo, in the catalogue and in the consumer")
+    build.add_argument(
+        "--input-size",
+        type=int,
+        metavar="PIXELS",
+        help="square input size instead of the backbone's own (224 for ResNets); costs about "
+        "(PIXELS/224)^2 more compute per photo, in the catalogue and in the consumer",
+    )
     build.add_argument("--out", required=True, help="catalogue file to write (.safetensors)")
     build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     build.add_argument("--batch-size", type=int, default=32)
@@ -244,9 +274,14 @@ def parser() -> argparse.ArgumentParser:
     head.add_argument("--epochs", type=int, default=30)
     head.add_argument("--scale", type=float, default=8.0, help="inverse temperature of the proxy loss")
     head.add_argument("--weight-decay", type=float, default=1e-2)
-    head.add_argument("--augment", type=int, default=AUGMENT_VIEWS, metavar="N",
-                      help="random views (crop, flip, colour) of each reference added to the head's training "
-                           "photos; they train the head only, the catalogue keeps the references (0: none)")
+    head.add_argument(
+        "--augment",
+        type=int,
+        default=AUGMENT_VIEWS,
+        metavar="N",
+        help="random views (crop, flip, colour) of each reference added to the head's training "
+        "photos; they train the head only, the catalogue keeps the references (0: none)",
+    )
     head.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     head.set_defaults(func=_catalog_train_head)
     cal = cat.add_parser("calibrate", help="choose threshold and min margin for a target precision on labelled photos")

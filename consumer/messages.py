@@ -5,8 +5,9 @@ retype a field bump ``SCHEMA_VERSION``; adding optional fields does not.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -27,7 +27,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -40,10 +40,19 @@ from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
 from catalog.store import Catalog
 from consumer.batcher import batches
 from consumer.messages import (
-    Candidate, CatalogRef, Latency, MatchEvent, Photo as PhotoInfo, Source, dead_letter_headers, event_id,
+    Candidate,
+    CatalogRef,
+    Latency,
+    MatchEvent,
+    Source,
+    dead_letter_headers,
+    event_id,
+)
+from consumer.messages import (
+    Photo as PhotoInfo,
 )
 from consumer.metrics import Metrics
-from consumer.sink import OutRecord, Outcome, Sink, publish, settle
+from consumer.sink import Outcome, OutRecord, Sink, publish, settle
 from consumer.source import END, FetchQueue, InFlight, Photo, Poison, Received, fetch
 
 log = logging.getLogger(__name__)
@@ -103,7 +112,7 @@ class Model:
         share = (time.perf_counter() - start) / len(pending)
         out = list(decoded)
         fallbacks = 0
-        for i, pixels in zip(pending, tensors):
+        for i, pixels in zip(pending, tensors, strict=True):
             photo = decoded[i]
             if pixels is None:
                 fallbacks += 1
@@ -139,9 +148,9 @@ def build_outcome(
     offsets: dict[TopicPartition, int] = {}
     photos_in_batch = sum(isinstance(d, Photo) for d in decoded)
     match_iter = iter(matches)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     created = time.monotonic()
-    for received, result in zip(batch, decoded):
+    for received, result in zip(batch, decoded, strict=True):
         rec = received.record
         tp = TopicPartition(rec.topic, rec.partition)
         offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
@@ -205,7 +214,7 @@ async def finish_decoding(
             decoded, fallbacks = await loop.run_in_executor(device_pool, model.decode_jpegs, decoded, limits)
             if fallbacks:
                 metrics.device_decode_fallbacks.inc(fallbacks)
-        for received, result in zip(batch, decoded):
+        for received, result in zip(batch, decoded, strict=True):
             if isinstance(result, Photo):
                 received.drop_value()
         await outq.put((batch, decoded, closed))
@@ -229,7 +238,7 @@ async def process(
             metrics.stage.labels("embed").observe(embed_s)
             metrics.stage.labels("match").observe(match_s)
         metrics.batch_size.observe(len(batch))
-        for r, d in zip(batch, decoded):
+        for r, d in zip(batch, decoded, strict=True):
             metrics.stage.labels("batch_wait").observe(closed - r.arrived)
             if isinstance(d, Photo):
                 metrics.stage.labels("decode").observe(d.decode_s)

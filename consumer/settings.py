@@ -45,45 +45,73 @@ class Settings(BaseSettings):
     output_topic: str = Field("shelf.matches", description="topic of JSON MatchEvents")
     dlq_topic: str = Field("shelf.photos.dlq", description="dead-letter topic for unusable photos")
     session_timeout_ms: int = Field(30_000, ge=1_000, description="consumer group session timeout")
-    max_poll_interval_ms: int = Field(300_000, ge=1_000, description="longest gap between polls before the group evicts us")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1_000, description="longest gap between polls before the group evicts us"
+    )
     delivery: Literal["at-least-once", "exactly-once"] = Field(
-        "at-least-once", description="at-least-once | exactly-once (Kafka transactions; read the output with read_committed)")
-    publish_timeout_ms: int = Field(30_000, ge=100, description="how long a publish may wait for acknowledgements before readiness drops; also the request and commit timeout")
+        "at-least-once",
+        description="at-least-once | exactly-once (Kafka transactions; read the output with read_committed)",
+    )
+    publish_timeout_ms: int = Field(
+        30_000,
+        ge=100,
+        description="how long a publish may wait for acknowledgements before readiness drops; "
+        "also the request and commit timeout",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL")
+        "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"
+    )
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        "SCRAM-SHA-512", description="SASL mechanism")
+        "SCRAM-SHA-512", description="SASL mechanism"
+    )
     sasl_username: str | None = Field(None, description="SASL user")
     sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
     ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers' certificates")
 
     # Matching
     catalog: Path = Field(Path("catalog.safetensors"), description="catalogue file built by `shelfmatch catalog build`")
-    weights: str | None = Field(None, description="weights source override (imagenet | PATH); must reproduce the catalogue's fingerprint")
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="similarity threshold; default: the catalogue's calibration, else 0.85")
-    min_margin: float | None = Field(None, ge=0.0, le=2.0, description="least gap between best and second product; default: calibration, else 0.0")
+    weights: str | None = Field(
+        None, description="weights source override (imagenet | PATH); must reproduce the catalogue's fingerprint"
+    )
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="similarity threshold; default: the catalogue's calibration, else 0.85"
+    )
+    min_margin: float | None = Field(
+        None, ge=0.0, le=2.0, description="least gap between best and second product; default: calibration, else 0.0"
+    )
     top_k: int = Field(5, ge=1, le=100, description="candidates per event")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16")
+        "auto", description="auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16"
+    )
     execution: Literal["auto", "eager", "cuda-graph", "compile"] = Field(
-        "auto", description="auto (cuda-graph on a GPU, eager on a CPU) | eager | cuda-graph | compile (torch.compile at start)")
+        "auto",
+        description="auto (cuda-graph on a GPU, eager on a CPU) | eager | cuda-graph "
+        "| compile (torch.compile at start)",
+    )
     jpeg_decoder: Literal["auto", "pillow", "device"] = Field(
-        "auto", description="auto (device = nvJPEG on a GPU, pillow on a CPU) | pillow | device")
+        "auto", description="auto (device = nvJPEG on a GPU, pillow on a CPU) | pillow | device"
+    )
 
     # Batching and input limits
     batch_size: int = Field(32, ge=1, le=1024, description="photos per micro-batch")
     batch_max_wait_ms: int = Field(50, ge=0, le=60_000, description="longest wait to fill a batch")
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger photos go to the dead-letter topic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are treated as decompression bombs")
-    allowed_formats: Annotated[tuple[str, ...], NoDecode] = Field(("JPEG", "PNG", "WEBP"), description="comma-separated image formats")
+    allowed_formats: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("JPEG", "PNG", "WEBP"), description="comma-separated image formats"
+    )
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="threads decoding photos")
 
     # Operations
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics /healthz /readyz server")
     metrics_port: int = Field(9400, ge=0, le=65535, description="its port (0 picks a free one)")
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="longest drain on SIGTERM, and before partitions move in a rebalance")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="longest drain on SIGTERM, and before partitions move in a rebalance"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG | INFO | WARNING | ERROR"
+    )
 
     @field_validator("allowed_formats", mode="before")
     @classmethod
@@ -102,7 +130,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Settings":
+    def _consistent(self) -> Settings:
         if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
             raise ValueError("input, output and dead-letter topics must all differ")
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):

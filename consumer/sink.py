@@ -21,8 +21,13 @@ from dataclasses import dataclass, field, replace
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
-    CommitFailedError, IllegalStateError, KafkaError, MessageSizeTooLargeError, OutOfOrderSequenceNumber,
-    RecordTooLargeError, UnknownProducerId,
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordTooLargeError,
+    UnknownProducerId,
 )
 
 from consumer.metrics import Metrics
@@ -196,8 +201,12 @@ class Sink:
             done, pending = await asyncio.wait(set(outcome.futures), timeout=self._timeout_s)
             if pending:
                 # The producer is still retrying (broker unreachable): keep waiting, but show it.
-                degraded(self._health, self._metrics, f"{len(pending)} of {len(outcome.futures)} acknowledgements outstanding "
-                               f"after {self._timeout_s:.0f}s")
+                degraded(
+                    self._health,
+                    self._metrics,
+                    f"{len(pending)} of {len(outcome.futures)} acknowledgements outstanding "
+                    f"after {self._timeout_s:.0f}s",
+                )
                 continue
             failed = [i for i, f in enumerate(outcome.futures) if f.exception() is not None]
             if not failed:
@@ -213,8 +222,12 @@ class Sink:
                     tried[i] = outcome.futures[i].exception()
             if shrink_refused(outcome.records, tried) < len(failed):
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-                degraded(self._health, self._metrics, f"publishing {len(failed)} of {len(outcome.records)} records failed "
-                               f"({type(errors[0]).__name__}: {errors[0]}); retrying in {delay:.1f}s")
+                degraded(
+                    self._health,
+                    self._metrics,
+                    f"publishing {len(failed)} of {len(outcome.records)} records failed "
+                    f"({type(errors[0]).__name__}: {errors[0]}); retrying in {delay:.1f}s",
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
             if any(isinstance(e, RENEW_PRODUCER_ERRORS) for e in errors):

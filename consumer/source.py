@@ -117,9 +117,9 @@ class InFlight:
     def count(self) -> int:
         return self._count
 
-    async def wait_idle(self, timeout: float) -> bool:
+    async def wait_idle(self, timeout_s: float) -> bool:
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
         except TimeoutError:
             return False

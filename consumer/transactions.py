@@ -46,7 +46,13 @@ from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.metrics import Metrics
 from consumer.sink import (
-    BACKOFF_S, RENEW_PRODUCER_ERRORS, Health, Outcome, degraded, record_delivered, shrink_refused,
+    BACKOFF_S,
+    RENEW_PRODUCER_ERRORS,
+    Health,
+    Outcome,
+    degraded,
+    record_delivered,
+    shrink_refused,
 )
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +82,16 @@ async def stream_photos(bootstrap: str, topic: str) -> dict[str, str]:
             camera = f"store-12-cam-{i % 6:02d}"
             headers = [
                 ("camera-id", camera.encode()), ("store-id", b"store-12"), ("shelf-id", f"aisle-{i % 3 + 1}".encode()),
-                ("captured-at", datetime.now(timezone.utc).isoformat().encode()), ("content-type", b"image/jpeg"),
+                ("captured-at", datetime.now(UTC).isoformat().encode()), ("content-type", b"image/jpeg"),
             ]
-            futures.append((path.parent.name, await producer.send(topic, path.read_bytes(), key=camera.encode(), headers=headers)))
+            futures.append(
+                (path.parent.name, await producer.send(topic, path.read_bytes(), key=camera.encode(), headers=headers))
+            )
         broken = photos[0].read_bytes()
         futures.append(("(empty message)", await producer.send(topic, b"", key=b"store-12-cam-99")))
-        futures.append(("(truncated JPEG)", await producer.send(topic, broken[: len(broken) // 3], key=b"store-12-cam-99")))
+        futures.append(
+            ("(truncated JPEG)", await producer.send(topic, broken[: len(broken) // 3], key=b"store-12-cam-99"))
+        )
         for sku, fut in futures:
             meta = await fut
             truth[f"{meta.topic}/{meta.partition}/{meta.offset}"] = sku
@@ -125,8 +129,10 @@ def report(events: dict, dead: list, truth: dict[str, str]) -> None:
     for e in rows:
         true = truth[e["event_id"]]
         mark = "" if e["best"]["sku"] == true else "  <- wrong"
-        print(f"{e['event_id'].split('.', 1)[-1]:<26} {e['photo']['camera_id']:<18} {true:<26} "
-              f"{e['best']['sku']:<26} {e['best']['score']:6.3f}  {e['verdict']}{mark}")
+        print(
+            f"{e['event_id'].split('.', 1)[-1]:<26} {e['photo']['camera_id']:<18} {true:<26} "
+            f"{e['best']['sku']:<26} {e['best']['score']:6.3f}  {e['verdict']}{mark}"
+        )
     correct = sum(e["best"]["sku"] == truth[e["event_id"]] for e in rows)
     verdicts = {v: sum(e["verdict"] == v for e in rows) for v in ("match", "ambiguous", "unknown")}
     confident = [e for e in rows if e["verdict"] == "match"]
@@ -135,14 +141,21 @@ def report(events: dict, dead: list, truth: dict[str, str]) -> None:
     print(f"verdicts: {verdicts}; precision of 'match': {right_when_match}/{len(confident)}")
     e2e = np.array([e["_published_ms"] - e["source"]["timestamp_ms"] for e in rows])
     pipeline = np.array([e["latency_ms"]["pipeline"] for e in rows])
-    print(f"end-to-end latency (input record timestamp -> event published), ms: "
-          f"p50 {np.percentile(e2e, 50):.0f}  p95 {np.percentile(e2e, 95):.0f}  p99 {np.percentile(e2e, 99):.0f}")
-    print(f"in-service latency (fetched -> event built), ms: "
-          f"p50 {np.percentile(pipeline, 50):.0f}  p95 {np.percentile(pipeline, 95):.0f}  p99 {np.percentile(pipeline, 99):.0f}")
+    print(
+        f"end-to-end latency (input record timestamp -> event published), ms: "
+        f"p50 {np.percentile(e2e, 50):.0f}  p95 {np.percentile(e2e, 95):.0f}  p99 {np.percentile(e2e, 99):.0f}"
+    )
+    print(
+        f"in-service latency (fetched -> event built), ms: "
+        f"p50 {np.percentile(pipeline, 50):.0f}  p95 {np.percentile(pipeline, 95):.0f}  "
+        f"p99 {np.percentile(pipeline, 99):.0f}"
+    )
     print(f"\ndead-letter topic: {len(dead)} records")
     for r in dead:
         h = dict(r.headers)
-        print(f"  offset {h['dlq-source-offset'].decode()}: {h['dlq-reason'].decode()} - {h['dlq-error'].decode()[:80]}")
+        print(
+            f"  offset {h['dlq-source-offset'].decode()}: {h['dlq-reason'].decode()} - {h['dlq-error'].decode()[:80]}"
+        )
     sample = OUT / "sample-event.json"
     first = {k: v for k, v in rows[0].items() if not k.startswith("_")}
     sample.write_text(json.dumps(first, indent=2) + "\n")
@@ -176,8 +189,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet")
-    parser.add_argument("--threshold", default="0.70",
-                        help="similarity threshold for 'match' (EfficientNet-Lite0 scores sit lower than ResNet's)")
+    parser.add_argument(
+        "--threshold",
+        default="0.70",
+        help="similarity threshold for 'match' (EfficientNet-Lite0 scores sit lower than ResNet's)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # aiokafka's retry chatter while new topics elect leaders
     OUT.mkdir(parents=True, exist_ok=True)
@@ -191,17 +207,26 @@ def main() -> int:
     try:
         run = uuid.uuid4().hex[:6]
         port = free_port()
-        topics = {"input": f"shelf.photos.demo-{run}", "output": f"shelf.matches.demo-{run}",
-                  "dlq": f"shelf.photos.dlq.demo-{run}"}
+        topics = {
+            "input": f"shelf.photos.demo-{run}",
+            "output": f"shelf.matches.demo-{run}",
+            "dlq": f"shelf.photos.dlq.demo-{run}",
+        }
         asyncio.run(create_topics(bootstrap, {topics["input"]: 3, topics["output"]: 1, topics["dlq"]: 1}))
 
         step("3/5 starting shelfmatch consume")
         env = {
-            **os.environ, "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "SHELFMATCH_CATALOG": str(catalog),
-            "SHELFMATCH_INPUT_TOPIC": topics["input"], "SHELFMATCH_OUTPUT_TOPIC": topics["output"],
-            "SHELFMATCH_DLQ_TOPIC": topics["dlq"], "SHELFMATCH_GROUP_ID": f"shelfmatch-demo-{run}",
-            "SHELFMATCH_THRESHOLD": args.threshold, "SHELFMATCH_METRICS_HOST": "127.0.0.1",
-            "SHELFMATCH_METRICS_PORT": str(port), "SHELFMATCH_LOG_LEVEL": "WARNING",
+            **os.environ,
+            "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "SHELFMATCH_CATALOG": str(catalog),
+            "SHELFMATCH_INPUT_TOPIC": topics["input"],
+            "SHELFMATCH_OUTPUT_TOPIC": topics["output"],
+            "SHELFMATCH_DLQ_TOPIC": topics["dlq"],
+            "SHELFMATCH_GROUP_ID": f"shelfmatch-demo-{run}",
+            "SHELFMATCH_THRESHOLD": args.threshold,
+            "SHELFMATCH_METRICS_HOST": "127.0.0.1",
+            "SHELFMATCH_METRICS_PORT": str(port),
+            "SHELFMATCH_LOG_LEVEL": "WARNING",
         }
         service = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env)
         wait_ready(service, port)

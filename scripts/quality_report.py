@@ -26,8 +26,10 @@ import platform
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+
+from catalog.grocery import grocery_sets
 
 ROOT = Path(__file__).resolve().parent.parent
 # Views per reference the report measures against the default (`--augment`, cached after the first run).
@@ -37,19 +39,6 @@ DOCS = ROOT / "docs"
 
 # The research's own best rows (ResNet-152 features, 1000 photos from two retail chains).
 RESEARCH = [("ResNet-152, threshold 0.90", 53.6, 9.9), ("ResNet-152, threshold 0.95", 42.7, 4.7)]
-
-
-def grocery_sets(dataset: Path) -> dict[str, list[tuple[Path, str]]]:
-    """(path, sku) rows of packshots, packshots+train, and val (the test split is never read)."""
-    classes = list(csv.reader(open(dataset / "classes.csv")))[1:]
-    name = {int(row[1]): row[0] for row in classes}
-    packshots = [(dataset / row[4].lstrip("/"), row[0]) for row in classes]
-
-    def split(file: str) -> list[tuple[Path, str]]:
-        rows = [line.strip().split(", ") for line in open(dataset / file) if line.strip()]
-        return [(dataset / r[0], name[int(r[1])]) for r in rows]
-
-    return {"packshots": packshots, "packshots+train": packshots + split("train.txt"), "val": split("val.txt")}
 
 
 def manifests(dataset: Path) -> dict[str, Path]:
@@ -92,7 +81,9 @@ def issue_targets(entry: dict, folds: list[dict]) -> list[tuple[str, str, bool]]
         p = " / ".join(pct(f["precision"]) for f in folds)
         r = " / ".join(pct(f["recall"]) for f in folds)
         rows.append(("precision >= 95% (each CV fold)", f"{p}%", all(f["precision"] >= 0.95 for f in folds)))
-        rows.append(("recall >= 70% at that precision (each CV fold)", f"{r}%", all(f["recall"] >= 0.70 for f in folds)))
+        rows.append(
+            ("recall >= 70% at that precision (each CV fold)", f"{r}%", all(f["recall"] >= 0.70 for f in folds))
+        )
     return rows
 
 
@@ -105,20 +96,53 @@ def main() -> int:
     m = manifests(dataset)
     val = ["--queries-manifest", str(m["val"])]
 
-    shelfmatch("eval", "--references-manifest", str(m["packshots"]), "--models", args.models,
-               "--methods", "histogram,phash", *val, "--out", str(OUT / "1-packshots"))
+    shelfmatch(
+        "eval",
+        "--references-manifest",
+        str(m["packshots"]),
+        "--models",
+        args.models,
+        "--methods",
+        "histogram,phash",
+        *val,
+        "--out",
+        str(OUT / "1-packshots"),
+    )
     base = OUT / "train.safetensors"
-    shelfmatch("catalog", "build", "--manifest", str(m["packshots+train"]), "--model", "efficientnet_lite0",
-               "--out", str(base))
-    shelfmatch("eval", "--references-manifest", str(m["packshots+train"]), "--models", args.models, *val,
-               "--out", str(OUT / "2-train"))
+    shelfmatch(
+        "catalog", "build", "--manifest", str(m["packshots+train"]), "--model", "efficientnet_lite0", "--out", str(base)
+    )
+    shelfmatch(
+        "eval",
+        "--references-manifest",
+        str(m["packshots+train"]),
+        "--models",
+        args.models,
+        *val,
+        "--out",
+        str(OUT / "2-train"),
+    )
     head, views_head = OUT / "train-head.safetensors", OUT / f"train-head-{REPORT_VIEWS}-views.safetensors"
     shelfmatch("catalog", "train-head", "--catalog", str(base), "--out", str(head))
-    shelfmatch("catalog", "train-head", "--catalog", str(base), "--augment", str(REPORT_VIEWS), "--out", str(views_head))
+    shelfmatch(
+        "catalog", "train-head", "--catalog", str(base), "--augment", str(REPORT_VIEWS), "--out", str(views_head)
+    )
     for c in (head, views_head):
         shelfmatch("catalog", "calibrate", "--catalog", str(c), *val, "--target-precision", "0.95")
-    shelfmatch("eval", "--catalog", str(base), "--catalog", str(head), "--catalog", str(views_head), *val,
-               "--target-precision", "0.95", "--out", str(OUT / "3-head"))
+    shelfmatch(
+        "eval",
+        "--catalog",
+        str(base),
+        "--catalog",
+        str(head),
+        "--catalog",
+        str(views_head),
+        *val,
+        "--target-precision",
+        "0.95",
+        "--out",
+        str(OUT / "3-head"),
+    )
 
     reports = {k: json.loads((OUT / k / "report.json").read_text()) for k in ("1-packshots", "2-train", "3-head")}
     DOCS.mkdir(exist_ok=True)
@@ -131,17 +155,21 @@ def main() -> int:
     stored = head_entry.get("stored_calibration", {})
     folds = [f for f in head_entry.get("cross_validated", []) if isinstance(f, dict)]
     targets = issue_targets(head_entry, folds)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
 
     lines = [
         "# Matching quality",
         "",
-        f"Generated by `scripts/quality_report.py` from `shelfmatch eval` runs ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        "Generated by `scripts/quality_report.py` from `shelfmatch eval` runs "
+        f"({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"commit {commit}, {platform.machine()} CPU). Do not edit by hand.",
         "",
         "Data: the Grocery Store Dataset (Klasson et al., WACV 2019; MIT license): 81 products photographed in "
         "Swedish stores. References are the catalogue packshots and the 2,640 *train* photos; every number below "
-        f"is measured on the {reports['2-train']['queries']} *val* photos, which are never used as references or to train. "
+        f"is measured on the {reports['2-train']['queries']} *val* photos, "
+        "which are never used as references or to train. "
         "The test split is held out and never read. Only EfficientNet-Lite0 has ImageNet weights that install "
         "offline here; ResNet rows need torchvision's download (add `--models resnet18,resnet50,resnet152`).",
         "",
@@ -183,9 +211,15 @@ def main() -> int:
         "",
         "| method | fold 0 precision / recall % | fold 1 precision / recall % |",
         "|---|---|---|",
-        *[f"| {stem} | " + " | ".join(f"{pct(f['precision'])} / {pct(f['recall'])}" for f in e["cross_validated"]
-                                     if isinstance(f, dict)) + " |"
-          for stem, e in by_stem.items() if isinstance(e.get("cross_validated"), list)],
+        *[
+            f"| {stem} | "
+            + " | ".join(
+                f"{pct(f['precision'])} / {pct(f['recall'])}" for f in e["cross_validated"] if isinstance(f, dict)
+            )
+            + " |"
+            for stem, e in by_stem.items()
+            if isinstance(e.get("cross_validated"), list)
+        ],
         "",
         "How the head's settings were chosen, and the variants that did not help: "
         "[quality-experiments.md](quality-experiments.md).",
@@ -203,8 +237,12 @@ def main() -> int:
         "",
         "| fold | chosen on | measured on | threshold | min margin | precision % | recall % |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {f['fold']} | {f['chosen_on']} | {f['measured_on']} | {f['threshold']:.4f} | {f['min_margin']:.3f} | "
-          f"{pct(f['precision'])} | {pct(f['recall'])} |" for f in folds if isinstance(f, dict)],
+        *[
+            f"| {f['fold']} | {f['chosen_on']} | {f['measured_on']} | {f['threshold']:.4f} | {f['min_margin']:.3f} | "
+            f"{pct(f['precision'])} | {pct(f['recall'])} |"
+            for f in folds
+            if isinstance(f, dict)
+        ],
         "",
         "The consumer uses the stored operating point unless `SHELFMATCH_THRESHOLD` / `SHELFMATCH_MIN_MARGIN` are set.",
         "",

@@ -8,8 +8,8 @@ import pytest
 from catalog.build import build_catalog, references_from_folder
 from catalog.store import Catalog
 from tests.kafka import Broker, create_topics, unique
-from tests.service import Service
 from tests.photos import REFERENCES
+from tests.service import Service
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ class Broker:
     env: dict
 
     @classmethod
-    def start(cls) -> "Broker":
+    def start(cls) -> Broker:
         """Use $SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS if set, else start a private local broker."""
         external = os.environ.get("SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS")
         if external:
@@ -134,11 +134,17 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
 
 
 async def read_all(
-    bootstrap: str, topic: str, partitions: int = 1, *, timeout_s: float = 60.0, isolation_level: str = "read_uncommitted",
+    bootstrap: str,
+    topic: str,
+    partitions: int = 1,
+    *,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list[ConsumerRecord]:
     """Everything on ``topic`` up to its end offsets as of now (the last stable offsets with read_committed)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level=isolation_level)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level=isolation_level
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]

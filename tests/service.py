@@ -34,7 +34,7 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumer.cli", "consume"], env=self.env, stdout=log,

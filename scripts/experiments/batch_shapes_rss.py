@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import random
 import sys
-from pathlib import Path
 
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from catalog.embedder import Embedder  # noqa: E402
-from catalog.models import load_backbone  # noqa: E402
+from catalog.embedder import Embedder
+from catalog.models import load_backbone
 
 
 def main(argv: list[str]) -> None:

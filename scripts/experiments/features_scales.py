@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from catalog.evaluate import product_scores, top_k_accuracy
+from catalog.grocery import grocery_sets
+from catalog.head import project, train_head
+from catalog.models import load_backbone
+from catalog.preprocess import decode, to_tensor
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from catalog.evaluate import product_scores, top_k_accuracy  # noqa: E402
-from catalog.head import project, train_head  # noqa: E402
-from catalog.models import load_backbone  # noqa: E402
-from catalog.preprocess import decode, to_tensor  # noqa: E402
-from quality_report import grocery_sets  # noqa: E402
 
 CACHE = ROOT / "out" / "quality" / "features"
 SETS = ("packshots+train", "val")

@@ -20,13 +20,12 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
+from catalog.evaluate import product_scores, top_k_accuracy
+from catalog.grocery import grocery_sets
+from catalog.models import load_backbone
+from catalog.preprocess import decode, to_tensor
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from catalog.evaluate import product_scores, top_k_accuracy  # noqa: E402
-from catalog.models import load_backbone  # noqa: E402
-from catalog.preprocess import decode, to_tensor  # noqa: E402
-from quality_report import grocery_sets  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "grocery-store"
 STORED = (256, 256)  # decoded once at this size; crops of it are resized to the model's 224

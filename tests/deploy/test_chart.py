@@ -14,9 +14,27 @@ from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from consumer.settings import Settings
 from tests.deploy.chart import (
-    CHART, CI_VALUES, CONFIGURATIONS, FULLNAME, KUBE_SCORE, KUBE_VERSIONS, NAMESPACE, RELEASE, ROOT,
-    all_containers, config_env, helm, of_kind, one, pod_spec, render, rendered_text, service_container,
-    template, tool, values_args,
+    CHART,
+    CI_VALUES,
+    CONFIGURATIONS,
+    FULLNAME,
+    KUBE_SCORE,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    all_containers,
+    config_env,
+    helm,
+    of_kind,
+    one,
+    pod_spec,
+    render,
+    rendered_text,
+    service_container,
+    template,
+    tool,
+    values_args,
 )
 
 # Kinds that are not part of the Kubernetes API (CRDs of prometheus-operator and KEDA). No package
@@ -310,8 +328,12 @@ def test_sasl_credentials_and_ca_come_from_existing_secrets():
     docs = render("sasl-values.yaml")
     container = service_container(pod_spec(docs))
     env = {e["name"]: e for e in container["env"]}
-    assert env["SHELFMATCH_SASL_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "shelfmatch-kafka-credentials", "key": "user"}
-    assert env["SHELFMATCH_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "shelfmatch-kafka-credentials", "key": "password"}
+    secret = {"name": "shelfmatch-kafka-credentials", "key": "user"}
+    assert env["SHELFMATCH_SASL_USERNAME"]["valueFrom"]["secretKeyRef"] == secret
+    assert env["SHELFMATCH_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "shelfmatch-kafka-credentials",
+        "key": "password",
+    }
     ca_file = config_env(docs)["SHELFMATCH_SSL_CAFILE"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volume = {v["name"]: v for v in pod_spec(docs)["volumes"]}["kafka-ca"]
@@ -322,8 +344,11 @@ def test_sasl_credentials_and_ca_come_from_existing_secrets():
     # KEDA reads the lag with the same Secrets.
     auth = one(docs, "TriggerAuthentication")
     refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
-    assert refs == {"username": ("shelfmatch-kafka-credentials", "user"),
-                    "password": ("shelfmatch-kafka-credentials", "password"), "ca": ("kafka-cluster-ca", "ca.crt")}
+    assert refs == {
+        "username": ("shelfmatch-kafka-credentials", "user"),
+        "password": ("shelfmatch-kafka-credentials", "password"),
+        "ca": ("kafka-cluster-ca", "ca.crt"),
+    }
     trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
     assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
@@ -367,27 +392,38 @@ def test_autoscalers_default_to_one_replica_per_partition():
 
 
 def test_keda_at_exactly_the_partition_count_is_allowed():
-    result = template("--set", "keda.enabled=true", "--set", "kafka.inputPartitions=4", "--set", "keda.maxReplicaCount=4")
+    result = template(
+        "--set", "keda.enabled=true", "--set", "kafka.inputPartitions=4", "--set", "keda.maxReplicaCount=4"
+    )
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["keda.enabled=true", "kafka.inputPartitions=4", "keda.maxReplicaCount=5"],
-     "keda.maxReplicaCount (5) must not exceed kafka.inputPartitions (4)"),
-    (["keda.enabled=true"], "kafka.inputPartitions is required"),
-    (["hpa.enabled=true", "kafka.inputPartitions=3", "hpa.maxReplicas=4"],
-     "hpa.maxReplicas (4) must not exceed kafka.inputPartitions (3)"),
-    (["keda.enabled=true", "hpa.enabled=true", "kafka.inputPartitions=4"], "mutually exclusive"),
-    (["keda.enabled=true", "kafka.inputPartitions=4", "keda.minReplicaCount=6"],
-     "keda.minReplicaCount (6) must not exceed keda.maxReplicaCount (4)"),
-    (["replicaCount=5", "kafka.inputPartitions=4"], "replicaCount (5) must not exceed kafka.inputPartitions (4)"),
-    (["kafka.securityProtocol=SASL_SSL"], "needs kafka.sasl.existingSecret"),
-    (["kafka.tls.caSecret=kafka-ca"], "only used with SSL or SASL_SSL"),
-    (["terminationGracePeriodSeconds=30"], "must be longer than settings.shutdownTimeoutS (30)"),
-    (["catalog.source=initContainer"], "needs catalog.initContainer.image.repository"),
-    (["settings.device=cuda"], "gpu.enabled is false"),
-    (["catalog.source=s3"], "/catalog/source"),  # the values schema already refuses it
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["keda.enabled=true", "kafka.inputPartitions=4", "keda.maxReplicaCount=5"],
+            "keda.maxReplicaCount (5) must not exceed kafka.inputPartitions (4)",
+        ),
+        (["keda.enabled=true"], "kafka.inputPartitions is required"),
+        (
+            ["hpa.enabled=true", "kafka.inputPartitions=3", "hpa.maxReplicas=4"],
+            "hpa.maxReplicas (4) must not exceed kafka.inputPartitions (3)",
+        ),
+        (["keda.enabled=true", "hpa.enabled=true", "kafka.inputPartitions=4"], "mutually exclusive"),
+        (
+            ["keda.enabled=true", "kafka.inputPartitions=4", "keda.minReplicaCount=6"],
+            "keda.minReplicaCount (6) must not exceed keda.maxReplicaCount (4)",
+        ),
+        (["replicaCount=5", "kafka.inputPartitions=4"], "replicaCount (5) must not exceed kafka.inputPartitions (4)"),
+        (["kafka.securityProtocol=SASL_SSL"], "needs kafka.sasl.existingSecret"),
+        (["kafka.tls.caSecret=kafka-ca"], "only used with SSL or SASL_SSL"),
+        (["terminationGracePeriodSeconds=30"], "must be longer than settings.shutdownTimeoutS (30)"),
+        (["catalog.source=initContainer"], "needs catalog.initContainer.image.repository"),
+        (["settings.device=cuda"], "gpu.enabled is false"),
+        (["catalog.source=s3"], "/catalog/source"),  # the values schema already refuses it
+    ],
+)
 def test_unsafe_values_are_rejected_at_render_time(overrides, message):
     args = [a for o in overrides for a in ("--set", o)]
     result = template(*args)
@@ -462,9 +498,20 @@ def test_notes_render_for_every_configuration(configuration, tmp_path):
     shutil.copytree(CHART, chart)
     (chart / "templates" / "notes-preview.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-preview\ndata:\n  notes: |\n"
-        '    {{- include (print $.Template.BasePath "/NOTES.txt") . | nindent 4 }}\n')
-    result = helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSIONS[0],
-                  "--show-only", "templates/notes-preview.yaml", *values_args(configuration))
+        '    {{- include (print $.Template.BasePath "/NOTES.txt") . | nindent 4 }}\n'
+    )
+    result = helm(
+        "template",
+        RELEASE,
+        str(chart),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        KUBE_VERSIONS[0],
+        "--show-only",
+        "templates/notes-preview.yaml",
+        *values_args(configuration),
+    )
     assert result.returncode == 0, result.stderr
     notes = yaml.safe_load(result.stdout)["data"]["notes"]
     assert "<no value>" not in notes and f"deployment/{FULLNAME}" in notes

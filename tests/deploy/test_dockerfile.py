@@ -49,8 +49,12 @@ def _env(stage_args: list[str]) -> dict[str, str]:
 
 
 def test_hadolint_finds_nothing_at_the_strictest_threshold():
-    result = subprocess.run([tool(HADOLINT), "--failure-threshold", "style", "--disable-ignore-pragma", str(DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool(HADOLINT), "--failure-threshold", "style", "--disable-ignore-pragma", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -58,8 +62,9 @@ def test_hadolint_rejects_a_careless_dockerfile(tmp_path):
     """The lint can fail: latest tag, unpinned apt packages, root user."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install curl\nCMD python app.py\n")
-    result = subprocess.run([tool(HADOLINT), "--failure-threshold", "style", str(bad)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool(HADOLINT), "--failure-threshold", "style", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # latest tag
 
@@ -78,7 +83,7 @@ def test_dependencies_are_pinned_by_requirements_lock():
     run = " ".join(args for _, ins, args in _instructions() if ins == "RUN")
     assert "--constraints requirements.lock" in run
     assert "grep -vxF -f requirements.lock" in run  # every installed version is the lock's
-    assert re.search(r'uv==\$\{UV_VERSION\}', run)
+    assert re.search(r"uv==\$\{UV_VERSION\}", run)
     makefile_uv = re.search(r"^UV_VERSION := (\S+)", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
     assert f"ARG UV_VERSION={makefile_uv}" in DOCKERFILE.read_text()
 
@@ -152,11 +157,16 @@ def test_healthcheck_follows_the_services_healthz(monkeypatch):
 
 
 def test_dockerignore_is_an_allow_list_of_what_the_image_installs():
-    lines = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*"
-    allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
-    copied = {src.rstrip("/") for args in (a for _, ins, a in _instructions() if ins == "COPY" and "--from" not in a)
-              for src in args.split()[:-1]}
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    copied = {
+        src.rstrip("/")
+        for args in (a for _, ins, a in _instructions() if ins == "COPY" and "--from" not in a)
+        for src in args.split()[:-1]
+    }
     assert copied <= allowed, copied - allowed
     assert not allowed & {".venv", ".cache", ".git", "tests", "data"}
 

@@ -39,7 +39,9 @@ def small_photo(i: int) -> bytes:
     return encode(Image.new("RGB", (96, 96), (i * 37 % 256, i * 91 % 256, i * 53 % 256)), "JPEG", quality=80)
 
 
-async def verify(bootstrap: str, output: str, sent, isolation_level: str = "read_uncommitted") -> tuple[int, int, Counter]:
+async def verify(
+    bootstrap: str, output: str, sent, isolation_level: str = "read_uncommitted"
+) -> tuple[int, int, Counter]:
     """(lost, duplicated, counts) of input photos against the events on ``output``."""
     records = await read_all(bootstrap, output, isolation_level=isolation_level)
     counts = Counter(json.loads(r.value)["event_id"] for r in records)
@@ -67,8 +69,9 @@ def fast_catalog(tmp_path_factory) -> Path:
     for sku in range(4):
         (refs / f"sku-{sku}").mkdir()
         (refs / f"sku-{sku}" / "a.jpg").write_bytes(small_photo(sku * 11))
-    catalog = build_catalog(references_from_folder(refs), model="mobilenet_v3_small", weights="none",
-                            device="cpu", progress=False)
+    catalog = build_catalog(
+        references_from_folder(refs), model="mobilenet_v3_small", weights="none", device="cpu", progress=False
+    )
     path = tmp_path_factory.mktemp("catalog") / "fast.safetensors"
     catalog.save(path)
     return path

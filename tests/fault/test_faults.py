@@ -43,8 +43,9 @@ def isolation(delivery: str) -> str:
 
 
 @DELIVERY
-async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics, service, fast_catalog, reliability_log,
-                                                                delivery):
+async def test_kill_9_three_times_during_10k_photos_loses_nothing(
+    broker, topics, service, fast_catalog, reliability_log, delivery
+):
     n = 10_000
     sent = await stream(broker, topics, n)
     settings = dict(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="64", SHELFMATCH_DELIVERY=delivery)
@@ -54,8 +55,9 @@ async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics
     for k in (1, 2, 3):
         svc = service(**settings)
         svc.wait_ready()
-        await read_until(broker.bootstrap, topics.output, events_seen(int(n * 0.2 * k)), timeout_s=600,
-                         isolation_level=level)
+        await read_until(
+            broker.bootstrap, topics.output, events_seen(int(n * 0.2 * k)), timeout_s=600, isolation_level=level
+        )
         svc.kill()  # SIGKILL: no drain, no final commit
         done = await committed(broker.bootstrap, topics.group, topics.input, topics.partitions)
         kills.append(sum(v or 0 for v in done.values()))
@@ -65,9 +67,17 @@ async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics
     await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=900, isolation_level=level)
     recovery = time.monotonic() - recovered_from
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent, level)
-    reliability_log.append(Verdict(f"consumer kill -9 x3 (10k photos), {delivery}", n, lost, duplicated,
-                                   round(time.monotonic() - start, 1), round(recovery, 1),
-                                   {"committed_at_each_kill": kills}))
+    reliability_log.append(
+        Verdict(
+            f"consumer kill -9 x3 (10k photos), {delivery}",
+            n,
+            lost,
+            duplicated,
+            round(time.monotonic() - start, 1),
+            round(recovery, 1),
+            {"committed_at_each_kill": kills},
+        )
+    )
     assert lost == 0
     assert kills == sorted(kills) and kills[-1] < n  # each kill really happened mid-stream
     if delivery == "exactly-once":
@@ -76,8 +86,9 @@ async def test_kill_9_three_times_during_10k_photos_loses_nothing(broker, topics
         assert duplicated <= 3 * (2 * 64 + 4 * 64)  # at most the uncommitted window per kill
 
 
-async def test_sigterm_mid_stream_finishes_the_batch_commits_and_exits_zero(broker, topics, service, fast_catalog,
-                                                                           reliability_log):
+async def test_sigterm_mid_stream_finishes_the_batch_commits_and_exits_zero(
+    broker, topics, service, fast_catalog, reliability_log
+):
     n = 2_000
     sent = await stream(broker, topics, n)
     svc = service(SHELFMATCH_CATALOG=str(fast_catalog))
@@ -91,8 +102,17 @@ async def test_sigterm_mid_stream_finishes_the_batch_commits_and_exits_zero(brok
     second.wait_ready()
     await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=300)
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
-    reliability_log.append(Verdict("SIGTERM mid-stream, then restart", n, lost, duplicated,
-                                   round(time.monotonic() - start, 1), round(drain_s, 1), {"exit_code": 0}))
+    reliability_log.append(
+        Verdict(
+            "SIGTERM mid-stream, then restart",
+            n,
+            lost,
+            duplicated,
+            round(time.monotonic() - start, 1),
+            round(drain_s, 1),
+            {"exit_code": 0},
+        )
+    )
     assert lost == 0 and duplicated == 0  # a clean stop commits everything it published
     assert drain_s < 30
 
@@ -118,15 +138,24 @@ async def test_broker_stop_and_start_mid_stream_loses_nothing(broker, topics, se
     recovery = time.monotonic() - back
     assert svc.proc.poll() is None, "the service must survive a broker restart"
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
-    reliability_log.append(Verdict("broker stop/start mid-stream", n, lost, duplicated,
-                                   round(time.monotonic() - start, 1), round(recovery, 1),
-                                   {"outage_s": round(back - outage, 1)}))
+    reliability_log.append(
+        Verdict(
+            "broker stop/start mid-stream",
+            n,
+            lost,
+            duplicated,
+            round(time.monotonic() - start, 1),
+            round(recovery, 1),
+            {"outage_s": round(back - outage, 1)},
+        )
+    )
     assert lost == 0
 
 
 @DELIVERY
-async def test_a_second_consumer_joining_and_leaving_loses_nothing(broker, topics, service, fast_catalog, reliability_log,
-                                                                  delivery):
+async def test_a_second_consumer_joining_and_leaving_loses_nothing(
+    broker, topics, service, fast_catalog, reliability_log, delivery
+):
     """Photos keep arriving while a second member joins (rebalance) and leaves (rebalance back),
     so both members have work whatever their speed."""
     n = 3_000
@@ -141,33 +170,49 @@ async def test_a_second_consumer_joining_and_leaving_loses_nothing(broker, topic
     second.wait_ready()
     sent += await produce(broker.bootstrap, topics.input, [small_photo(i) for i in range(n // 3, 2 * n // 3)])
     second_photos = wait_for(
-        lambda: metric_value(second.metrics(), 'shelfmatch_photos_total{outcome="matched"}'), 120,
-        "the second consumer taking partitions")
+        lambda: metric_value(second.metrics(), 'shelfmatch_photos_total{outcome="matched"}'),
+        120,
+        "the second consumer taking partitions",
+    )
     assert second.terminate(timeout_s=60) == 0  # leaves the group: partitions move back
     sent += await produce(broker.bootstrap, topics.input, [small_photo(i) for i in range(2 * n // 3, n)])
     await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600, isolation_level=level)
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent, level)
-    reliability_log.append(Verdict(f"second consumer joins, then leaves, {delivery}", n, lost, duplicated,
-                                   round(time.monotonic() - start, 1), None,
-                                   {"photos_by_second_consumer_before_leaving": second_photos}))
+    reliability_log.append(
+        Verdict(
+            f"second consumer joins, then leaves, {delivery}",
+            n,
+            lost,
+            duplicated,
+            round(time.monotonic() - start, 1),
+            None,
+            {"photos_by_second_consumer_before_leaving": second_photos},
+        )
+    )
     assert lost == 0
     if delivery == "exactly-once":
         assert duplicated == 0
     assert first.proc.poll() is None
 
 
-async def test_a_batch_slower_than_max_poll_interval_causes_no_rebalance_loop(broker, topics, service, tmp_path,
-                                                                               reliability_log):
+async def test_a_batch_slower_than_max_poll_interval_causes_no_rebalance_loop(
+    broker, topics, service, tmp_path, reliability_log
+):
     from catalog.build import build_catalog, references_from_folder
     from tests.photos import REFERENCES
 
     slow = tmp_path / "resnet152.safetensors"
-    build_catalog(references_from_folder(REFERENCES), model="resnet152", weights="none", device="cpu",
-                  progress=False).save(slow)
+    build_catalog(
+        references_from_folder(REFERENCES), model="resnet152", weights="none", device="cpu", progress=False
+    ).save(slow)
     n = 96
     sent = await stream(broker, topics, n)
-    svc = service(SHELFMATCH_CATALOG=str(slow), SHELFMATCH_BATCH_SIZE="32", SHELFMATCH_MAX_POLL_INTERVAL_MS="3000",
-                  SHELFMATCH_SESSION_TIMEOUT_MS="6000")
+    svc = service(
+        SHELFMATCH_CATALOG=str(slow),
+        SHELFMATCH_BATCH_SIZE="32",
+        SHELFMATCH_MAX_POLL_INTERVAL_MS="3000",
+        SHELFMATCH_SESSION_TIMEOUT_MS="6000",
+    )
     svc.wait_ready(timeout_s=300)
     start = time.monotonic()
     await read_until(broker.bootstrap, topics.output, events_seen(n), timeout_s=600)
@@ -175,24 +220,37 @@ async def test_a_batch_slower_than_max_poll_interval_causes_no_rebalance_loop(br
     embed_sum = metric_value(text, 'shelfmatch_stage_latency_seconds_sum{stage="embed"}')
     embed_count = metric_value(text, 'shelfmatch_stage_latency_seconds_count{stage="embed"}')
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
-    reliability_log.append(Verdict("embedding slower than max_poll_interval_ms", n, lost, duplicated,
-                                   round(time.monotonic() - start, 1), None,
-                                   {"mean_batch_embed_s": round(embed_sum / max(embed_count, 1), 1),
-                                    "max_poll_interval_s": 3.0,
-                                    "commit_failures": metric_value(text, "shelfmatch_commit_failures_total")}))
+    reliability_log.append(
+        Verdict(
+            "embedding slower than max_poll_interval_ms",
+            n,
+            lost,
+            duplicated,
+            round(time.monotonic() - start, 1),
+            None,
+            {
+                "mean_batch_embed_s": round(embed_sum / max(embed_count, 1), 1),
+                "max_poll_interval_s": 3.0,
+                "commit_failures": metric_value(text, "shelfmatch_commit_failures_total"),
+            },
+        )
+    )
     assert embed_sum / embed_count > 3.0, "the scenario needs batches slower than max_poll_interval_ms"
     assert lost == 0 and duplicated == 0
     assert metric_value(text, "shelfmatch_commit_failures_total") == 0  # never evicted from the group
 
 
-async def test_a_missing_output_topic_holds_offsets_until_it_exists(broker, topics, service, fast_catalog, reliability_log):
+async def test_a_missing_output_topic_holds_offsets_until_it_exists(
+    broker, topics, service, fast_catalog, reliability_log
+):
     from tests.kafka import unique
 
     missing = unique("not-yet")
     n = 300
     sent = await stream(broker, topics, n)
-    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_OUTPUT_TOPIC=missing,
-                  SHELFMATCH_PUBLISH_TIMEOUT_MS="2000")
+    svc = service(
+        SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_OUTPUT_TOPIC=missing, SHELFMATCH_PUBLISH_TIMEOUT_MS="2000"
+    )
     svc.wait_ready()
     start = time.monotonic()
     wait_for(lambda: metric_value(svc.metrics(), "shelfmatch_publish_retries_total") >= 2, 120, "publish retries")
@@ -205,8 +263,16 @@ async def test_a_missing_output_topic_holds_offsets_until_it_exists(broker, topi
     recovery = time.monotonic() - created
     wait_for(lambda: svc.get("/readyz")[0] == 200, 30, "ready again")
     lost, duplicated, _ = await verify(broker.bootstrap, missing, sent)
-    reliability_log.append(Verdict("output topic missing, then created", n, lost, duplicated,
-                                   round(time.monotonic() - start, 1), round(recovery, 1)))
+    reliability_log.append(
+        Verdict(
+            "output topic missing, then created",
+            n,
+            lost,
+            duplicated,
+            round(time.monotonic() - start, 1),
+            round(recovery, 1),
+        )
+    )
     assert lost == 0
 
 
@@ -228,8 +294,14 @@ async def drain_peak_rss(broker, service, fast_catalog, frames: list[bytes], n: 
     await create_topics(broker.bootstrap, topic, partitions=3)
     await create_topics(broker.bootstrap, out, out + ".dlq")
     sent = await produce(broker.bootstrap, topic, [frames[i % len(frames)] for i in range(n)])
-    svc = service(SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_BATCH_SIZE="32", SHELFMATCH_INPUT_TOPIC=topic,
-                  SHELFMATCH_OUTPUT_TOPIC=out, SHELFMATCH_DLQ_TOPIC=out + ".dlq", SHELFMATCH_GROUP_ID=group)
+    svc = service(
+        SHELFMATCH_CATALOG=str(fast_catalog),
+        SHELFMATCH_BATCH_SIZE="32",
+        SHELFMATCH_INPUT_TOPIC=topic,
+        SHELFMATCH_OUTPUT_TOPIC=out,
+        SHELFMATCH_DLQ_TOPIC=out + ".dlq",
+        SHELFMATCH_GROUP_ID=group,
+    )
     svc.wait_ready()
     proc = psutil.Process(svc.proc.pid)
     baseline = peak = proc.memory_info().rss
@@ -258,15 +330,28 @@ async def test_resident_memory_does_not_grow_with_the_backlog(broker, service, f
     backlog = [sum(len(frames[i % len(frames)]) for i in range(n)) for n in (300, 2_400)]
     growth_small, growth_large = small[3] - small[2], large[3] - large[2]
     bound = growth_small + (backlog[1] - backlog[0]) / 2
-    reliability_log.append(Verdict("backlog of 2,400 full-HD frames", 2_400, large[0], large[1],
-                                   round(time.monotonic() - start, 1), None,
-                                   {"backlog_mb": round(backlog[1] / 1e6), "rss_at_ready_mb": round(large[2] / 1e6),
-                                    "rss_peak_mb": round(large[3] / 1e6),
-                                    "rss_growth_mb_300_frames": round(growth_small / 1e6),
-                                    "rss_growth_mb_2400_frames": round(growth_large / 1e6),
-                                    "bound_mb": round(bound / 1e6), "held": bool(growth_large < bound)}))
+    reliability_log.append(
+        Verdict(
+            "backlog of 2,400 full-HD frames",
+            2_400,
+            large[0],
+            large[1],
+            round(time.monotonic() - start, 1),
+            None,
+            {
+                "backlog_mb": round(backlog[1] / 1e6),
+                "rss_at_ready_mb": round(large[2] / 1e6),
+                "rss_peak_mb": round(large[3] / 1e6),
+                "rss_growth_mb_300_frames": round(growth_small / 1e6),
+                "rss_growth_mb_2400_frames": round(growth_large / 1e6),
+                "bound_mb": round(bound / 1e6),
+                "held": bool(growth_large < bound),
+            },
+        )
+    )
     assert small[0] == 0 and large[0] == 0
     # 1,200 frames before the fetch size was bounded: 592 MB against 304 for 300 frames.
     assert growth_large < bound, (
         f"RSS grew {growth_large / 1e6:.0f} MB draining 2,400 frames against {growth_small / 1e6:.0f} MB for 300; "
-        f"the bound is {bound / 1e6:.0f} MB")
+        f"the bound is {bound / 1e6:.0f} MB"
+    )

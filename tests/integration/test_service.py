@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -59,13 +59,13 @@ async def test_one_event_per_photo_with_ids_keys_headers_and_filled_metrics(brok
     assert len(records) == len(sent)  # no duplicates in a clean run
 
     correct = 0
-    for s, want in zip(sent, truth):
+    for s, want in zip(sent, truth, strict=True):
         record, event = events[s.event_id]
         assert record.key == s.key  # keyed like the input, so per-camera order is kept downstream
         assert (event.source.topic, event.source.partition, event.source.offset) == (s.topic, s.partition, s.offset)
         assert event.photo.camera_id == s.key.decode() and event.photo.store_id == "store-12"
         assert event.photo.shelf_id == dict(s.headers)["shelf-id"].decode()
-        assert event.photo.captured_at == datetime(2026, 11, 27, 7, 15, 0, 250000, tzinfo=timezone.utc)
+        assert event.photo.captured_at == datetime(2026, 11, 27, 7, 15, 0, 250000, tzinfo=UTC)
         assert (event.photo.width, event.photo.height) == (348, 348)
         assert event.catalog.version == grocery_catalog[0].version
         assert event.threshold == 0.7 and len(event.candidates) == 5
@@ -136,7 +136,7 @@ async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(brok
     for r in dead:
         h = dict(r.headers)
         by_source[(int(h["dlq-source-partition"]), int(h["dlq-source-offset"]))] = r
-    for s, reason, value in zip(sent, expect, values):
+    for s, reason, value in zip(sent, expect, values, strict=True):
         if reason is None:
             continue
         r = by_source[(s.partition, s.offset)]
@@ -149,7 +149,7 @@ async def test_poison_goes_to_the_dead_letter_topic_while_valid_photos_flow(brok
         else:
             assert r.value == value
     event_ids = {json.loads(r.value)["event_id"] for r in events}
-    assert event_ids == {s.event_id for s, e in zip(sent, expect) if e is None}  # oddities matched too
+    assert event_ids == {s.event_id for s, e in zip(sent, expect, strict=True) if e is None}  # oddities matched too
     assert len(dead) == n_poison
 
     text = svc.metrics()
@@ -247,7 +247,8 @@ async def test_a_dead_letter_too_large_for_its_topic_goes_without_the_photo(brok
     assert dict(big_letter.headers)["camera-id"] == b"c3"
     assert small_letter.value == small and "dlq-value-truncated-from" not in dict(small_letter.headers)
     assert len(dead) == 2
-    assert {json.loads(r.value)["event_id"] for r in events} == {s.event_id for i, s in enumerate(sent) if i not in (3, 4)}
+    matched = {s.event_id for i, s in enumerate(sent) if i not in (3, 4)}
+    assert {json.loads(r.value)["event_id"] for r in events} == matched
     assert svc.terminate() == 0
     ends = await end_offsets(broker.bootstrap, topics.input, topics.partitions)
     assert await committed(broker.bootstrap, topics.group, topics.input, topics.partitions) == {
@@ -262,16 +263,29 @@ def test_a_catalogue_the_model_cannot_reproduce_is_refused(tmp_path):
 
     from catalog.models import load_backbone
 
-    catalog = build_catalog(references_from_folder(P.REFERENCES), model="resnet18", weights="none",
-                            device="cpu", progress=False)
+    catalog = build_catalog(
+        references_from_folder(P.REFERENCES), model="resnet18", weights="none", device="cpu", progress=False
+    )
     path = tmp_path / "random.safetensors"
     catalog.save(path)
     other = tmp_path / "other.pth"
     torch.save({k: v * 0.5 for k, v in load_backbone("resnet18", weights="none").network.state_dict().items()}, other)
     result = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "consume", "--catalog", str(path), "--weights", str(other),
-         "--kafka-bootstrap-servers", "127.0.0.1:1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "consume",
+            "--catalog",
+            str(path),
+            "--weights",
+            str(other),
+            "--kafka-bootstrap-servers",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "was built with resnet18/none/512d" in result.stderr and "rebuild the catalogue" in result.stderr

@@ -16,7 +16,12 @@ from catalog.errors import ImageRejected
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.models import load_backbone
 from catalog.preprocess import (
-    DecodeLimits, PlainJpeg, decode, decode_unless_plain_jpeg, probe_plain_jpeg, to_tensor,
+    DecodeLimits,
+    PlainJpeg,
+    decode,
+    decode_unless_plain_jpeg,
+    probe_plain_jpeg,
+    to_tensor,
 )
 from tests import photos as P
 
@@ -42,7 +47,7 @@ def test_store_photos_are_plain_jpegs_and_decode_to_nearly_pillows_pixels(store_
     jpegs = [probe_plain_jpeg(d) for d in store_jpegs]
     assert all(isinstance(j, PlainJpeg) for j in jpegs)
     out = JpegBatchDecoder(DEVICE)(jpegs, SIZE)
-    for img, data in zip(out, store_jpegs):
+    for img, data in zip(out, store_jpegs, strict=True):
         assert img.shape == (3, 224, 224) and img.dtype == torch.uint8 and img.device.type == DEVICE.type
         diff = (img.cpu().int() - pillow(data).int()).abs().float()
         assert diff.mean() < 2.0  # of 255: a different IDCT/resampler, not different content
@@ -55,7 +60,7 @@ def test_frames_of_several_sizes_in_one_batch_come_back_in_order_near_pillows_pi
     sizes = [(640, 480), (348, 348), (1920, 1080), (640, 480), (1280, 720)]
     frames = [P.encode((shelf if i % 2 else store).resize(s), "JPEG", quality=90) for i, s in enumerate(sizes)]
     out = JpegBatchDecoder(DEVICE)([probe_plain_jpeg(f) for f in frames], SIZE)
-    for img, frame in zip(out, frames):
+    for img, frame in zip(out, frames, strict=True):
         assert img.shape == (3, 224, 224)
         assert (img.cpu().int() - pillow(frame).int()).abs().float().mean() < 4.0
 
@@ -91,9 +96,18 @@ def test_a_body_the_decoder_refuses_comes_back_as_none_and_the_rest_still_decode
     assert info.value.reason == "corrupt-image"
 
 
-@pytest.mark.parametrize("make", [P.cmyk_jpeg, P.exif_rotated_jpeg, P.truncated_jpeg, P.webp,
-                                  lambda img: P.encode(img, "PNG"), lambda img: P.encode(img, "JPEG", progressive=True)],
-                         ids=["cmyk", "exif-rotated", "truncated", "webp", "png", "progressive"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        P.cmyk_jpeg,
+        P.exif_rotated_jpeg,
+        P.truncated_jpeg,
+        P.webp,
+        lambda img: P.encode(img, "PNG"),
+        lambda img: P.encode(img, "JPEG", progressive=True),
+    ],
+    ids=["cmyk", "exif-rotated", "truncated", "webp", "png", "progressive"],
+)
 def test_anything_but_a_plain_jpeg_is_left_to_pillow(shelf, make):
     data = make(shelf)
     assert probe_plain_jpeg(data) is None
@@ -113,8 +127,12 @@ def test_a_plain_jpeg_is_deferred_with_its_bytes(store_jpegs):
 
 @pytest.mark.parametrize(
     "data,reason",
-    [(b"", "empty"), (P.random_bytes(), "unsupported-format"), (P.png_bomb(9_000, 9_000), "decompression-bomb"),
-     (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt-image")],
+    [
+        (b"", "empty"),
+        (P.random_bytes(), "unsupported-format"),
+        (P.png_bomb(9_000, 9_000), "decompression-bomb"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt-image"),
+    ],
     ids=["empty", "random", "bomb", "jpeg-magic-only"],
 )
 def test_the_probe_refuses_what_decode_refuses_with_the_same_reason(data, reason):
@@ -146,8 +164,7 @@ def test_fixed_batch_execution_refuses_to_run_before_its_warm_up(backbone):
 
 
 def test_photos_the_device_refuses_are_decoded_by_pillow_or_dead_lettered(backbone, shelf, store_jpegs):
-    from catalog.build import catalog_from_vectors
-    from catalog.build import Reference
+    from catalog.build import Reference, catalog_from_vectors
     from catalog.matcher import Matcher
     from consumer.pipeline import Model
     from consumer.source import Photo, Poison
@@ -160,8 +177,10 @@ def test_photos_the_device_refuses_are_decoded_by_pillow_or_dead_lettered(backbo
     catalog = catalog_from_vectors(refs, np.eye(1, backbone.fingerprint.dim, dtype=np.float32), backbone, "none")
     embedder = Embedder(backbone, "cpu")
     model = Model(embedder, Matcher(catalog, device=torch.device("cpu")), catalog, Refusing())
-    batch = [Photo(pixels=None, fields={}, width=348, height=348, decode_s=0.0, jpeg=probe_plain_jpeg(d))
-             for d in (store_jpegs[0], P.corrupt_body_jpeg(shelf))]
+    batch = [
+        Photo(pixels=None, fields={}, width=348, height=348, decode_s=0.0, jpeg=probe_plain_jpeg(d))
+        for d in (store_jpegs[0], P.corrupt_body_jpeg(shelf))
+    ]
     out, fallbacks = model.decode_jpegs(batch, DecodeLimits())
     assert fallbacks == 2
     assert isinstance(out[0], Photo) and torch.equal(out[0].pixels, pillow(store_jpegs[0]))

@@ -59,6 +59,6 @@ def test_each_view_is_labelled_with_the_product_of_its_reference():
     views = [features * 2, features * 3]  # view k of reference i is row i of views[k]
     x, y = with_views(features, labels, views)
     assert x.shape == (9, 3)
-    for row, label in zip(x, y):
+    for row, label in zip(x, y, strict=True):
         assert labels[int(np.argmax(row))] == label
     assert with_views(features, labels, [])[1].tolist() == [7, 8, 9]

@@ -17,7 +17,9 @@ def random_catalog(products: int, refs_per_product: int, dim: int = 64, seed: in
     row_sku = np.repeat(np.arange(products), refs_per_product).astype(np.int32)
     rng.shuffle(row_sku)  # rows of a product need not be adjacent
     fp = Fingerprint(backbone="test", weights="none", preprocessing=Preprocessing(), dim=dim)
-    return Catalog(embeddings=rows, row_sku=row_sku, skus=tuple(f"sku-{i:03d}" for i in range(products)), fingerprint=fp)
+    return Catalog(
+        embeddings=rows, row_sku=row_sku, skus=tuple(f"sku-{i:03d}" for i in range(products)), fingerprint=fp
+    )
 
 
 def reference_scores(catalog: Catalog, queries: np.ndarray) -> np.ndarray:

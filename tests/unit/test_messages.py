@@ -1,4 +1,4 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -13,7 +13,7 @@ def test_known_headers_are_read_and_key_is_the_default_camera():
     ])
     assert fields["key"] == "cam-7" and fields["camera_id"] == "cam-7"
     assert fields["store_id"] == "store-12" and fields["shelf_id"] == "aisle-3/bay-2"
-    assert fields["captured_at"] == datetime(2026, 11, 27, 8, 15, tzinfo=timezone.utc)
+    assert fields["captured_at"] == datetime(2026, 11, 27, 8, 15, tzinfo=UTC)
 
 
 def test_camera_header_wins_over_the_key():

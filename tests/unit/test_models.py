@@ -91,7 +91,7 @@ def test_cpu_batches_reach_the_network_in_a_few_shapes_and_in_order():
 
 def test_random_weights_are_seeded_so_catalogue_and_consumer_agree():
     a, b = load_backbone("resnet18", weights="none"), load_backbone("resnet18", weights="none")
-    for (ka, va), (kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     assert a.fingerprint.weights == "none"
 

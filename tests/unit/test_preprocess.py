@@ -14,8 +14,8 @@ def shelf_photo() -> Image.Image:
     return P.photo(P.store_photos()[0][0])
 
 
-def pixels(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    return np.asarray(decode(data, SIZE, limits).image, dtype=np.int16)
+def pixels(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
+    return np.asarray(decode(data, SIZE, limits or DecodeLimits()).image, dtype=np.int16)
 
 
 def test_output_is_rgb_at_model_size(shelf_photo):

@@ -65,10 +65,44 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
     """The size is part of the fingerprint: the head is trained on, and the consumer embeds at, that size."""
     monkeypatch.chdir(tmp_path)
     built, headed = tmp_path / "288.safetensors", tmp_path / "288-head.safetensors"
-    assert main(["catalog", "build", "--images", str(REFERENCES), "--model", "efficientnet_lite0", "--input-size", "288",
-                 "--device", "cpu", "--out", str(built)]) == 0
-    assert main(["catalog", "train-head", "--catalog", str(built), "--dim", "32", "--epochs", "2", "--device", "cpu",
-                 "--out", str(headed)]) == 0
+    assert (
+        main(
+            [
+                "catalog",
+                "build",
+                "--images",
+                str(REFERENCES),
+                "--model",
+                "efficientnet_lite0",
+                "--input-size",
+                "288",
+                "--device",
+                "cpu",
+                "--out",
+                str(built),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "catalog",
+                "train-head",
+                "--catalog",
+                str(built),
+                "--dim",
+                "32",
+                "--epochs",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(headed),
+            ]
+        )
+        == 0
+    )
     for path in (built, headed):
         catalog = Catalog.load(path)
         assert catalog.fingerprint.preprocessing.size == (288, 288)

@@ -34,7 +34,7 @@ def test_cli_flags_override_the_environment(monkeypatch):
 
 
 def test_every_setting_has_a_flag():
-    help_text = parser()._subparsers._group_actions[0].choices["consume"].format_help()  # noqa: SLF001
+    help_text = parser()._subparsers._group_actions[0].choices["consume"].format_help()
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in help_text
         assert f"SHELFMATCH_{name.upper()}" in help_text

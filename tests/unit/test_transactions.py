@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaConnectionError, ProducerFenced
 from prometheus_client import CollectorRegistry
 
 import consumer.transactions as T
 from consumer.metrics import Metrics
-from consumer.sink import Health, OutRecord, Outcome
+from consumer.sink import Health, Outcome, OutRecord
 
 TP = TopicPartition("photos", 0)
 

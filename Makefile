@@ -1,7 +1,8 @@
 # shelfmatch: the two commands are `make demo` and `make test`; both set everything up themselves.
 #
 #   make demo [MODEL=efficientnet_lite0|resnet18|...]  build a catalogue, start Kafka, stream photos, show matches
-#   make test                                         unit + integration tests against a real Kafka broker
+#   make test                                         static checks, then unit + integration tests on a real broker
+#   make lint                                         the static checks alone: ruff, then mypy (see pyproject.toml)
 #   make kafka-start / kafka-stop                     a local Apache Kafka 4.x broker for development
 #   make lock                                         re-pin requirements.lock from pyproject.toml
 #   make tools                                        build the deployment checkers once into .cache/tools/
@@ -14,7 +15,7 @@ MODEL ?= efficientnet_lite0
 UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
-.PHONY: install demo test kafka-start kafka-stop lock clean tools chart-sync FORCE
+.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync FORCE
 
 # The virtual environment is rebuilt when the pinned dependencies change. uv keeps one copy of
 # each wheel in its cache (~/.cache/uv), so a fresh clone installs torch in seconds, not minutes.
@@ -30,7 +31,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py --model $(MODEL)
 
-test: install tools
+# Static checks fail the run before any test starts (both read their settings from pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install tools lint
 	$(BIN)/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 kafka-start:

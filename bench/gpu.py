@@ -143,13 +143,15 @@ async def _feed_pipeline(model, frames: list[bytes], photos: int, workers: int, 
     from consumer.batcher import batches
     from consumer.metrics import Metrics
     from consumer.pipeline import Topics, finish_decoding, process
-    from consumer.source import END, Received, inspect
+    from consumer.source import Received, decode_record
+    from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
 
     loop = asyncio.get_running_loop()
     limits = DecodeLimits()
     size = model.embedder.input_size
     metrics = Metrics(CollectorRegistry())
-    fetched, batched, ready, processed = (asyncio.Queue(maxsize=m) for m in (2 * BATCH, 2, 1, 2))
+    depths = (QUEUE_DEPTHS.fetched(BATCH), QUEUE_DEPTHS.batched, QUEUE_DEPTHS.ready, QUEUE_DEPTHS.processed)
+    fetched, batched, ready, processed = (asyncio.Queue(maxsize=m) for m in depths)
     decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
     device_pool = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
@@ -159,13 +161,13 @@ async def _feed_pipeline(model, frames: list[bytes], photos: int, workers: int, 
         for i in range(photos):
             record = ConsumerRecord("bench", 0, i, int(time.time() * 1000), 0, b"k", frames[i % len(frames)], None,
                                     1, len(frames[i % len(frames)]), [("camera-id", b"c1")])
-            future = loop.run_in_executor(decode_pool, inspect, record, size, limits, device_jpeg)
+            future = loop.run_in_executor(decode_pool, decode_record, record, size, limits, device_jpeg)
             await fetched.put(Received(record=record, arrived=time.monotonic(), decoded=future))
         await fetched.put(END)
 
     async def drain() -> int:
         n = 0
-        while (outcome := await processed.get()) is not END:
+        while not isinstance(outcome := await processed.get(), EndOfStream):
             n += sum(r.verdict is not None for r in outcome.records)
         return n
 
@@ -173,9 +175,9 @@ async def _feed_pipeline(model, frames: list[bytes], photos: int, workers: int, 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(feed())
         tg.create_task(batches(fetched, batched, max_size=BATCH, max_wait_s=0.05))
-        tg.create_task(finish_decoding(batched, ready, model=model, device_pool=device_pool, limits=limits,
+        tg.create_task(finish_decoding(batched, ready, recognizer=model, device_pool=device_pool, limits=limits,
                                        metrics=metrics))
-        tg.create_task(process(ready, processed, model=model, model_pool=model_pool,
+        tg.create_task(process(ready, processed, recognizer=model, model_pool=model_pool,
                                topics=Topics("out", "dlq"), metrics=metrics, max_dead_letter_bytes=limits.max_bytes))
         events = tg.create_task(drain())
     seconds = time.perf_counter() - start
@@ -186,7 +188,7 @@ async def _feed_pipeline(model, frames: list[bytes], photos: int, workers: int, 
 
 
 def pipeline(device: torch.device, matcher: Matcher, frames: list[bytes], workers: int, photos: int) -> list[dict]:
-    from consumer.pipeline import Model
+    from consumer.pipeline import Recognizer
 
     backbone = load_backbone("resnet50", weights="none")
     rows = []
@@ -196,7 +198,7 @@ def pipeline(device: torch.device, matcher: Matcher, frames: list[bytes], worker
     for decoder, execution in variants:
         embedder = Embedder(backbone, device, precision="auto", execution=execution, batch_size=BATCH)
         jpeg = JpegBatchDecoder(device) if decoder == "device" else None
-        model = Model(embedder, matcher, random_catalog(1, 2048, device), jpeg)
+        model = Recognizer(embedder, matcher, random_catalog(1, 2048, device), jpeg)
         rate = asyncio.run(_feed_pipeline(model, frames, photos, workers, device_jpeg=jpeg is not None))
         rows.append({"model": "resnet50", "precision": embedder.precision, "execution": embedder.execution,
                      "jpeg_decoder": decoder, "catalog": len(matcher.skus), "photos": photos, "img_s": rate})

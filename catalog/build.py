@@ -104,17 +104,18 @@ def embed_images(
         except ImageRejected as exc:
             raise CatalogError(f"image {path} ({exc.reason}): {exc}") from exc
 
-    vectors = []
+    chunk_vectors: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(paths), unit="img", desc=desc, disable=not progress
     ) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             pixels = torch.stack(list(pool.map(load, enumerate(chunk, start))))
-            vectors.append(embedder.embed(pixels).cpu().numpy())
+            chunk_vectors.append(embedder.embed(pixels).cpu().numpy())
             bar.update(len(chunk))
     return (
-        np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.fingerprint.dim), np.float32)
+        np.concatenate(chunk_vectors).astype(np.float32) if chunk_vectors
+        else np.zeros((0, embedder.fingerprint.dim), np.float32)
     )
 
 

@@ -20,6 +20,7 @@ times slower; compiling on a small CPU costs minutes of start-up for little gain
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -64,6 +65,8 @@ class _Normalised(nn.Module):
         self.backbone = backbone
         self.head = head
         self.autocast = autocast
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
@@ -91,8 +94,8 @@ class Embedder:
     ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         cuda = self.device.type == "cuda"
-        if cuda and self.device.index is None:  # "cuda" -> "cuda:0", so tensors' devices compare equal
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cuda:  # "cuda" -> "cuda:0", so tensors' devices compare equal
+            self.device = torch.device("cuda", self.device.index or torch.cuda.current_device())
         self.precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
         self.execution = ("cuda-graph" if cuda else "eager") if execution == "auto" else execution
         if self.execution == "cuda-graph" and not cuda:
@@ -102,11 +105,10 @@ class Embedder:
         pre = self.fingerprint.preprocessing
         autocast = torch.bfloat16 if self.precision == "bf16" else None
         net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast).to(self.device).eval()
-        # Channels-last is the layout both oneDNN (CPU) and tensor cores (GPU) convolve fastest in:
-        # bench/e2e.py's model-alone rate on 2 CPU cores, fp32, batch 32, went from 21.2 to 37.3 img/s
-        # for EfficientNet-Lite0 and from 22.0 to 27.0 for ResNet-18 (store photos, a242994 -> a48858e).
+        # Channels-last is the layout both oneDNN (CPU) and tensor cores (GPU) convolve fastest in
+        # (measured in docs/performance.md).
         self._net = net.to(memory_format=torch.channels_last)
-        self._run = self._net
+        self._run: Callable[[torch.Tensor], torch.Tensor] = self._net
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None
@@ -173,6 +175,7 @@ class Embedder:
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         elif pixels.device != self.device:
             pixels = pixels.to(self.device)
+        run: Callable[[torch.Tensor], torch.Tensor]
         if self.fixed_batch:
             if not self._warm:  # capturing now could collide with the decoder's work on the device
                 raise RuntimeError(f"{self.execution} needs warm_up() before the first batch")
@@ -187,6 +190,7 @@ class Embedder:
     def _fixed(self, part: torch.Tensor) -> torch.Tensor:
         n = part.shape[0]
         if self._graph is not None:
+            assert self._static_in is not None and self._static_out is not None  # captured together
             self._static_in[:n].copy_(part)
             self._graph.replay()
             return self._static_out[:n].clone()

@@ -12,7 +12,9 @@ The service itself publishes one verdict per photo; :func:`operating_point` meas
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,7 +50,9 @@ class Quality:
         return asdict(self)
 
 
-def threshold_table(scores: np.ndarray, truth: np.ndarray, thresholds=RESEARCH_THRESHOLDS) -> tuple[ThresholdRow, ...]:
+def threshold_table(
+    scores: np.ndarray, truth: np.ndarray, thresholds: Iterable[float] = RESEARCH_THRESHOLDS
+) -> tuple[ThresholdRow, ...]:
     """``scores``: (queries, products) similarities; ``truth``: (queries,) true product index."""
     rows = []
     true_scores = scores[np.arange(len(truth)), truth]
@@ -56,9 +60,7 @@ def threshold_table(scores: np.ndarray, truth: np.ndarray, thresholds=RESEARCH_T
         passing = scores >= t
         tp = int((true_scores >= t).sum())
         fp = int(passing.sum()) - tp
-        rows.append(ThresholdRow(
-            threshold=float(t), recall=tp / len(truth), fp_per_tp=fp / tp if tp else float("nan")
-        ))
+        rows.append(ThresholdRow(threshold=float(t), recall=tp / len(truth), fp_per_tp=fp / tp if tp else float("nan")))
     return tuple(rows)
 
 
@@ -68,10 +70,15 @@ def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float((top == truth[:, None]).any(axis=1).mean())
 
 
-def quality(method: str, scores: np.ndarray, truth: np.ndarray, thresholds=RESEARCH_THRESHOLDS) -> Quality:
+def quality(
+    method: str, scores: np.ndarray, truth: np.ndarray, thresholds: Iterable[float] = RESEARCH_THRESHOLDS
+) -> Quality:
     return Quality(
-        method=method, queries=len(truth), products=scores.shape[1],
-        top1=top_k_accuracy(scores, truth, 1), top5=top_k_accuracy(scores, truth, 5),
+        method=method,
+        queries=len(truth),
+        products=scores.shape[1],
+        top1=top_k_accuracy(scores, truth, 1),
+        top5=top_k_accuracy(scores, truth, 5),
         table=threshold_table(scores, truth, thresholds),
     )
 
@@ -91,14 +98,20 @@ def operating_point(scores: np.ndarray, truth: np.ndarray, threshold: float, min
     correct = matched & (best == truth)
     n = int(matched.sum())
     return OperatingPoint(
-        threshold=float(threshold), min_margin=float(min_margin),
-        precision=float(correct.sum() / n) if n else 1.0, recall=float(correct.sum() / len(truth)), matches=n,
+        threshold=float(threshold),
+        min_margin=float(min_margin),
+        precision=float(correct.sum() / n) if n else 1.0,
+        recall=float(correct.sum() / len(truth)),
+        matches=n,
     )
 
 
 def calibrate(
-    scores: np.ndarray, truth: np.ndarray, *, target_precision: float,
-    margins=(0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1),
+    scores: np.ndarray,
+    truth: np.ndarray,
+    *,
+    target_precision: float,
+    margins: Sequence[float] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1),
 ) -> OperatingPoint:
     """The (threshold, min margin) with the highest recall whose precision reaches the target.
 
@@ -122,8 +135,11 @@ def calibrate(
                 continue  # a threshold accepts every tie at once
             if precision[i] >= target_precision:
                 point = OperatingPoint(
-                    threshold=float(tops[i]), min_margin=float(m), precision=float(precision[i]),
-                    recall=float(correct[i] / len(truth)), matches=int(accepted[i]),
+                    threshold=float(tops[i]),
+                    min_margin=float(m),
+                    precision=float(precision[i]),
+                    recall=float(correct[i] / len(truth)),
+                    matches=int(accepted[i]),
                 )
                 if chosen is None or (point.recall, point.threshold) > (chosen.recall, chosen.threshold):
                     chosen = point
@@ -135,6 +151,7 @@ def calibrate(
 
 # --- running an evaluation -------------------------------------------------------------------
 
+
 def product_scores(queries: np.ndarray, refs: np.ndarray, row_sku: np.ndarray, products: int) -> np.ndarray:
     """(queries, products): each product scores as its best reference (as the Matcher does)."""
     rows = queries.astype(np.float32) @ refs.astype(np.float32).T
@@ -144,7 +161,12 @@ def product_scores(queries: np.ndarray, refs: np.ndarray, row_sku: np.ndarray, p
 
 
 def cross_validated_calibration(
-    scores: np.ndarray, truth: np.ndarray, *, target_precision: float, folds: int = 2, seed: int = 0,
+    scores: np.ndarray,
+    truth: np.ndarray,
+    *,
+    target_precision: float,
+    folds: int = 2,
+    seed: int = 0,
 ) -> list[dict]:
     """Calibrate on all folds but one, measure on the one left out: an honest operating point."""
     order = np.random.default_rng(seed).permutation(len(truth))
@@ -158,7 +180,7 @@ def cross_validated_calibration(
     return results
 
 
-def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out_dir) -> list[str]:
+def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path) -> list[str]:
     """PNG plots: recall and false positives per true positive against the threshold; score
     distributions of true and wrong products. ``results``: method -> (scores, truth)."""
     import matplotlib
@@ -173,8 +195,12 @@ def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out_dir) -> list[str
         ax_r.plot(thresholds, [100 * r.recall for r in table], label=name)
         ax_f.plot(thresholds, [100 * r.fp_per_tp for r in table], label=name)
     ax_r.set(xlabel="similarity threshold", ylabel="recall %", title="true product found")
-    ax_f.set(xlabel="similarity threshold", ylabel="false positives per true positive %",
-             title="wrong products passing", yscale="log")
+    ax_f.set(
+        xlabel="similarity threshold",
+        ylabel="false positives per true positive %",
+        title="wrong products passing",
+        yscale="log",
+    )
     ax_r.legend(fontsize=7)
     fig.tight_layout()
     files = [str(out_dir / "threshold-curves.png")]

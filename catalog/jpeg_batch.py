@@ -109,7 +109,7 @@ class JpegBatchDecoder:
             for start in range(0, len(idx), per_chunk):
                 chunk = idx[start : start + per_chunk]
                 try:
-                    batch = torch.stack([images[i] for i in chunk]).float()
+                    batch = torch.stack([img for i in chunk if (img := images[i]) is not None]).float()  # all set
                     if k > 1:
                         batch = F.avg_pool2d(batch, k, ceil_mode=True)
                     if batch.shape[-2:] != (height, width):

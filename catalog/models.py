@@ -275,7 +275,7 @@ def load_backbone(
         raise CatalogError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     spec = _SPECS[name]()
     if input_size is not None:
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        size = (input_size, input_size) if isinstance(input_size, int) else (input_size[0], input_size[1])
         if min(size) < 32:
             raise CatalogError(f"input size {size} is below 32 pixels, the networks' total stride")
         spec = replace(spec, preprocessing=replace(spec.preprocessing, size=size))

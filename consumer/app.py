@@ -1,14 +1,21 @@
-"""Process entry of ``shelfmatch consume``: model, Kafka clients, HTTP endpoints, signals."""
+"""Process entry of ``shelfmatch consume``.
+
+Building and running are apart: :meth:`Service.build` makes everything the service needs (the
+catalogue's model, warmed up; worker pools; the Kafka clients and the sink; the HTTP server) and
+:meth:`Service.run` runs it until SIGTERM/SIGINT, with one TaskGroup owning every task.
+"""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import torch
@@ -23,10 +30,12 @@ from catalog.matcher import Matcher
 from catalog.models import backbone_of
 from catalog.preprocess import DecodeLimits
 from catalog.store import Catalog
+from consumer.delivery import PartitionOwner, Sink
+from consumer.health import Health
 from consumer.metrics import Metrics
-from consumer.pipeline import DrainOnRevoke, Model, Topics, run_pipeline
+from consumer.pipeline import DrainOnRevoke, Recognizer, Topics, run_pipeline
 from consumer.settings import Settings, available_cpus
-from consumer.sink import Health, Sink
+from consumer.sink import AtLeastOnceSink
 from consumer.source import InFlight
 from consumer.transactions import TransactionalSink
 
@@ -34,11 +43,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.85  # lowest threshold the research studied; calibrate per catalogue instead
 HEALTH_STALE_S = 30.0  # /healthz fails if the event loop has not ticked for this long
+# Room for a record's key, headers and batch framing beyond the largest photo we accept.
+RECORD_OVERHEAD_BYTES = 1024 * 1024
 
 
-def kafka_security(settings: Settings) -> dict:
+def kafka_security(settings: Settings) -> dict[str, Any]:
     """aiokafka keyword arguments for the configured security protocol (secrets never logged)."""
-    kwargs: dict = {"security_protocol": settings.security_protocol}
+    kwargs: dict[str, Any] = {"security_protocol": settings.security_protocol}
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         kwargs["ssl_context"] = create_ssl_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
     if settings.security_protocol.startswith("SASL"):
@@ -48,7 +59,36 @@ def kafka_security(settings: Settings) -> dict:
     return kwargs
 
 
-def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Model:
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    """AIOKafkaConsumer keyword arguments: manual commits, read_committed, fetch sizes."""
+    max_record = settings.max_message_bytes + RECORD_OVERHEAD_BYTES
+    return dict(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.group_id,
+        client_id=settings.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
+        isolation_level="read_committed", session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=max(300, settings.session_timeout_ms // 3),
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        # A record larger than one partition's fetch is skipped by aiokafka with only a log
+        # line; allow the largest photo we accept (plus headers) so it reaches the DLQ instead.
+        # The whole fetch is held no larger than that too: fetched data waits in memory until the
+        # pipeline takes it, so a bigger fetch only grows memory on a backlog, not throughput.
+        max_partition_fetch_bytes=max_record,
+        fetch_max_bytes=max_record,
+        **kafka_security(settings),
+    )
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """AIOKafkaProducer keyword arguments shared by both sinks: idempotent, acks from all replicas."""
+    return dict(
+        bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
+        enable_idempotence=True, acks="all", max_request_size=settings.max_message_bytes + RECORD_OVERHEAD_BYTES,
+        request_timeout_ms=settings.publish_timeout_ms,
+        **kafka_security(settings),
+    )
+
+
+def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Recognizer:
     """Rebuild the catalogue's model and refuse to run if it does not reproduce the fingerprint."""
     source = settings.weights or catalog.weights_source
     backbone = backbone_of(catalog.fingerprint, source, catalog.head())
@@ -69,7 +109,18 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Mo
                         batch_size=settings.batch_size)
     matcher = Matcher(catalog, device=device, top_k=settings.top_k, threshold=threshold, min_margin=min_margin)
     on_device = settings.jpeg_decoder == "device" or (settings.jpeg_decoder == "auto" and device.type == "cuda")
-    return Model(embedder, matcher, catalog, JpegBatchDecoder(device) if on_device else None)
+    return Recognizer(embedder, matcher, catalog, JpegBatchDecoder(device) if on_device else None)
+
+
+def tune_torch(device: torch.device) -> None:
+    """cuDNN's autotuner on a GPU (shapes are fixed: batch size, input size); on a CPU, no more
+    threads than the CPUs this process may use (torch counts the node's cores, not the
+    container's CPU quota, and more threads only throttle)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif torch.get_num_threads() > (cpus := available_cpus()):
+        log.info("torch CPU threads: %d -> %d (the CPUs this process may use)", torch.get_num_threads(), cpus)
+        torch.set_num_threads(cpus)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -85,7 +136,7 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
     """Serve /metrics, /healthz (event loop alive) and /readyz (consuming and publishing)."""
     metrics_app = make_wsgi_app(registry)
 
-    def app(environ, start_response):
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             return metrics_app(environ, start_response)
@@ -105,136 +156,149 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
     return server
 
 
-async def _tick(health: Health, metrics: Metrics, device: torch.device) -> None:
-    """Proves the event loop alive for /healthz; samples GPU memory for the dashboard."""
-    while True:
-        health.last_tick = time.monotonic()
-        if device.type == "cuda":
-            metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(device))
-            metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(device))
-        await asyncio.sleep(1.0)
+@dataclass
+class Pools:
+    """The worker threads: decoding (many), the model and the device decoder (one each, so
+    that CUDA graphs captured on the model thread stay on it)."""
+
+    decode: ThreadPoolExecutor
+    model: ThreadPoolExecutor
+    device_decode: ThreadPoolExecutor
+
+    @classmethod
+    def create(cls, decode_workers: int) -> Pools:
+        return cls(
+            decode=ThreadPoolExecutor(decode_workers, thread_name_prefix="decode"),
+            model=ThreadPoolExecutor(1, thread_name_prefix="model"),
+            device_decode=ThreadPoolExecutor(1, thread_name_prefix="device-decode"),
+        )
+
+    def shutdown(self) -> None:
+        for pool in (self.decode, self.model, self.device_decode):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Service:
+    """Everything ``shelfmatch consume`` runs, built and warmed up; see :meth:`run`."""
+
+    settings: Settings
+    metrics: Metrics
+    health: Health
+    device: torch.device
+    recognizer: Recognizer
+    pools: Pools
+    consumer: AIOKafkaConsumer
+    sink: Sink
+    owner: PartitionOwner | None  # the sink, when it follows partition ownership
+    in_flight: InFlight
+    http: WSGIServer
+
+    @classmethod
+    async def build(cls, settings: Settings, registry: CollectorRegistry) -> Service:
+        """Load the catalogue and its model, warm it up, create the clients; start HTTP last."""
+        metrics = Metrics(registry)
+        health = Health(metrics.ready)
+        catalog = Catalog.load(settings.catalog)
+        device = resolve_device(settings.device)
+        tune_torch(device)
+        recognizer = load_model(settings, catalog, device)
+        metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
+        metrics.catalog_products.set(len(catalog.skus))
+        pools = Pools.create(settings.decode_workers)
+        # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
+        warmup_s = await asyncio.get_running_loop().run_in_executor(pools.model, recognizer.warm_up)
+        log.info(
+            "catalogue %s: %d products, %s on %s (%s, warm-up %.1fs, JPEG decoding: %s), threshold %.3f, "
+            "min margin %.3f", catalog.version, len(catalog.skus), catalog.fingerprint.describe(), device,
+            recognizer.embedder.describe(), warmup_s, "device" if recognizer.jpeg_decoder else "pillow",
+            recognizer.matcher.threshold, recognizer.matcher.min_margin,
+        )
+        consumer = AIOKafkaConsumer(**consumer_config(settings))
+        sink: Sink
+        owner: PartitionOwner | None
+        if settings.delivery == "exactly-once":
+            sink = owner = TransactionalSink(
+                producer_config(settings), settings.group_id, metrics, health, consumer.assignment)
+        else:
+            owner = None
+            sink = AtLeastOnceSink(producer_config(settings), consumer, metrics, health,
+                                   timeout_s=settings.publish_timeout_ms / 1000)
+        http = start_http(settings, registry, health)
+        return cls(settings=settings, metrics=metrics, health=health, device=device, recognizer=recognizer,
+                   pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http)
+
+    async def run(self) -> int:
+        """Consume until SIGTERM/SIGINT, then drain; return the process exit code. A drain that
+        outlasts ``shutdown_timeout_s`` is cancelled (exit 1: its photos are re-read)."""
+        settings = self.settings
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        code = 0
+        try:
+            await self.sink.start()
+            await self.consumer.start()
+            listener = DrainOnRevoke(self.in_flight, settings.shutdown_timeout_s, self.metrics, self.owner)
+            self.consumer.subscribe([settings.input_topic], listener=listener)
+            self.health.set(consuming=True)
+            log.info("consuming %s as group %s (%s)", settings.input_topic, settings.group_id, settings.delivery)
+            async with asyncio.TaskGroup() as tg:
+                ticker = tg.create_task(self._tick(), name="tick")
+                stopping = tg.create_task(stop.wait(), name="stop")
+                pipeline = tg.create_task(run_pipeline(
+                    self.consumer, self.sink, recognizer=self.recognizer,
+                    topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
+                    decode_pool=self.pools.decode, model_pool=self.pools.model,
+                    device_pool=self.pools.device_decode, limits=DecodeLimits(
+                        max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels,
+                        formats=settings.allowed_formats,
+                    ),
+                    batch_size=settings.batch_size, batch_max_wait_s=settings.batch_max_wait_ms / 1000,
+                    in_flight=self.in_flight, metrics=self.metrics, stop=stop,
+                    poll_every_s=settings.max_poll_interval_ms / 3000,
+                ), name="pipeline")
+                await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not pipeline.done():
+                    log.info("stopping: draining %d in-flight photos", self.in_flight.count)
+                    await asyncio.wait({pipeline}, timeout=settings.shutdown_timeout_s)
+                    if not pipeline.done():
+                        log.error("drain did not finish in %.0fs; uncommitted photos will be re-read",
+                                  settings.shutdown_timeout_s)
+                        pipeline.cancel()
+                        code = 1
+                ticker.cancel()
+                stopping.cancel()
+        except* Exception as failed:  # a stage's error, or the clients' start (say, bad credentials)
+            for exc in failed.exceptions:
+                log.error("fatal error; stopping without committing unpublished photos", exc_info=exc)
+            code = 1
+        finally:
+            self.health.set(consuming=False)
+            await self.consumer.stop()
+            await self.sink.stop()
+        log.info("stopped (exit %d)", code)
+        return code
+
+    def close(self) -> None:
+        self.pools.shutdown()
+        self.http.shutdown()
+
+    async def _tick(self) -> None:
+        """Proves the event loop alive for /healthz; samples GPU memory for the dashboard."""
+        while True:
+            self.health.last_tick = time.monotonic()
+            if self.device.type == "cuda":
+                self.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(self.device))
+                self.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(self.device))
+            await asyncio.sleep(1.0)
 
 
 async def serve(settings: Settings, registry: CollectorRegistry | None = None) -> int:
     """Run the service until SIGTERM/SIGINT; return the process exit code."""
-    registry = registry or CollectorRegistry()
-    metrics = Metrics(registry)
-    health = Health(metrics.ready)
-    catalog = Catalog.load(settings.catalog)
-    device = resolve_device(settings.device)
-    if device.type == "cuda":
-        # Shapes are fixed (batch size, input size): let cuDNN pick its fastest kernels once.
-        torch.backends.cudnn.benchmark = True
-    elif torch.get_num_threads() > (cpus := available_cpus()):
-        # torch counts the node's cores, not the container's CPU quota: more threads only throttle.
-        log.info("torch CPU threads: %d -> %d (the CPUs this process may use)", torch.get_num_threads(), cpus)
-        torch.set_num_threads(cpus)
-    model = load_model(settings, catalog, device)
-    metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
-    metrics.catalog_products.set(len(catalog.skus))
-    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-    model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
-    device_pool = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
-    # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
-    warmup_s = await asyncio.get_running_loop().run_in_executor(model_pool, model.warm_up)
-    log.info(
-        "catalogue %s: %d products, %s on %s (%s, warm-up %.1fs, JPEG decoding: %s), threshold %.3f, min margin %.3f",
-        catalog.version, len(catalog.skus), catalog.fingerprint.describe(), device, model.embedder.describe(),
-        warmup_s, "device" if model.jpeg_decoder else "pillow", model.matcher.threshold, model.matcher.min_margin,
-    )
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = start_http(settings, registry, health)
-    security = kafka_security(settings)
-    limits = DecodeLimits(
-        max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels,
-        formats=settings.allowed_formats,
-    )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.group_id,
-        client_id=settings.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
-        isolation_level="read_committed", session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=max(300, settings.session_timeout_ms // 3),
-        max_poll_interval_ms=settings.max_poll_interval_ms,
-        # A record larger than one partition's fetch is skipped by aiokafka with only a log
-        # line; allow the largest photo we accept (plus headers) so it reaches the DLQ instead.
-        # The whole fetch is held no larger than that too: fetched data waits in memory until the
-        # pipeline takes it, so a bigger fetch only grows memory on a backlog, not throughput.
-        max_partition_fetch_bytes=settings.max_message_bytes + 1024 * 1024,
-        fetch_max_bytes=settings.max_message_bytes + 1024 * 1024,
-        **security,
-    )
-    producer_kwargs = dict(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
-        enable_idempotence=True, acks="all", max_request_size=settings.max_message_bytes + 1024 * 1024,
-        request_timeout_ms=settings.publish_timeout_ms,
-        **security,
-    )
-    if settings.delivery == "exactly-once":
-        sink = TransactionalSink(producer_kwargs, settings.group_id, metrics, health, consumer.assignment)
-    else:
-        sink = Sink(producer_kwargs, consumer, metrics, health, timeout_s=settings.publish_timeout_ms / 1000)
-    in_flight = InFlight(metrics)
-    listener = DrainOnRevoke(in_flight, settings.shutdown_timeout_s, metrics, sink)
-    ticker = asyncio.create_task(_tick(health, metrics, device), name="tick")
-    stopping = asyncio.create_task(stop.wait(), name="stop")
-    code = 0
+    service = await Service.build(settings, registry or CollectorRegistry())
     try:
-        await sink.start()
-        await consumer.start()
-        consumer.subscribe([settings.input_topic], listener=listener)
-        health.set(consuming=True)
-        log.info("consuming %s as group %s (%s)", settings.input_topic, settings.group_id, settings.delivery)
-        pipeline = asyncio.create_task(
-            run_pipeline(
-                consumer,
-                sink,
-                model=model,
-                topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
-                decode_pool=decode_pool,
-                model_pool=model_pool,
-                device_pool=device_pool,
-                limits=limits,
-                batch_size=settings.batch_size,
-                batch_max_wait_s=settings.batch_max_wait_ms / 1000,
-                in_flight=in_flight,
-                metrics=metrics,
-                stop=stop,
-                poll_every_s=settings.max_poll_interval_ms / 3000,
-            ),
-            name="pipeline",
-        )
-        await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not pipeline.done():
-            log.info("stopping: draining %d in-flight photos", in_flight.count)
-            try:
-                await asyncio.wait_for(asyncio.shield(pipeline), settings.shutdown_timeout_s)
-            except TimeoutError:
-                log.error(
-                    "drain did not finish in %.0fs; uncommitted photos will be re-read", settings.shutdown_timeout_s
-                )
-                pipeline.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pipeline
-                code = 1
-        if pipeline.done() and not pipeline.cancelled() and pipeline.exception() is not None:
-            raise pipeline.exception()
-    except Exception:
-        log.exception("fatal error; stopping without committing unpublished photos")
-        code = 1
+        return await service.run()
     finally:
-        health.set(consuming=False)
-        await consumer.stop()
-        await sink.stop()
-        for task in (ticker, stopping):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for pool in (decode_pool, model_pool, device_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
-        server.shutdown()
-    log.info("stopped (exit %d)", code)
-    return code
+        service.close()

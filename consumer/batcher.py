@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TypeVar
 
-from consumer.source import END
+from consumer.stream import END, EndOfStream
+
+T = TypeVar("T")
 
 
-async def batches(inq: asyncio.Queue, outq: asyncio.Queue, *, max_size: int, max_wait_s: float) -> None:
+async def batches(
+    inq: asyncio.Queue[T | EndOfStream], outq: asyncio.Queue[list[T] | EndOfStream], *, max_size: int,
+    max_wait_s: float,
+) -> None:
     """Stage 2: group items from ``inq`` into lists on ``outq``; forward END after a final flush."""
     while True:
         first = await inq.get()
-        if first is END:
+        if isinstance(first, EndOfStream):
             await outq.put(END)
             return
-        batch = [first]
+        batch: list[T] = [first]
         deadline = time.monotonic() + max_wait_s
         ended = False
         while len(batch) < max_size:
@@ -34,7 +40,7 @@ async def batches(inq: asyncio.Queue, outq: asyncio.Queue, *, max_size: int, max
                     item = await asyncio.wait_for(inq.get(), remaining)
                 except TimeoutError:
                     break
-            if item is END:
+            if isinstance(item, EndOfStream):
                 ended = True
                 break
             batch.append(item)

@@ -7,14 +7,20 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from catalog.errors import CatalogError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
+
+    from catalog.build import Reference
+    from catalog.embedder import Embedder
+    from catalog.store import Catalog
 
 # Embeddings of evaluation images are reused between runs while files and model are unchanged.
 CACHE = Path(".cache") / "features"
@@ -43,7 +49,7 @@ def _catalog_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labelled(folder: str | None, manifest: str | None, what: str):
+def _labelled(folder: str | None, manifest: str | None, what: str) -> list[Reference]:
     from catalog.build import references_from_folder, references_from_manifest
 
     if manifest:
@@ -53,14 +59,14 @@ def _labelled(folder: str | None, manifest: str | None, what: str):
     raise CatalogError(f"give --{what} DIR (one folder per SKU) or --{what}-manifest CSV")
 
 
-def _model_for(catalog, device: str):
+def _model_for(catalog: Catalog, device: str) -> Embedder:
     from catalog.embedder import Embedder
     from catalog.models import backbone_of
 
     return Embedder(backbone_of(catalog.fingerprint, catalog.weights_source, catalog.head()), device)
 
 
-def _truth(catalog_skus, refs) -> np.ndarray:
+def _truth(catalog_skus: Sequence[str], refs: Sequence[Reference]) -> np.ndarray:
     import numpy as np
 
     index = {s: i for i, s in enumerate(catalog_skus)}
@@ -153,7 +159,8 @@ def _eval(args: argparse.Namespace) -> int:
             )
     if not catalogs:
         raise CatalogError("give --catalog FILE, or --references/--references-manifest with --models")
-    results, report = {}, {"queries": len(queries), "thresholds": list(thresholds), "methods": []}
+    results: dict[str, tuple[np.ndarray, np.ndarray, Any]] = {}
+    report: dict[str, Any] = {"queries": len(queries), "thresholds": list(thresholds), "methods": []}
     for name, catalog in catalogs.items():
         vectors = embed_images(
             [r.path for r in queries], _model_for(catalog, args.device), cache=CACHE, desc=f"queries: {name}"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from catalog.errors import ImageRejected
 from catalog.preprocess import RejectReason
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 # Input headers we read; anything else is ignored.
 HEADER_CAMERA = "camera-id"

@@ -1,7 +1,22 @@
-"""The stages wired together: fetch -> batch -> finish decoding -> process -> publish -> settle.
+"""The stages wired together, and what each queue between them carries:
 
-Each stage is one task reading a bounded queue and writing the next, so a slow stage holds the
-ones before it back (and a backlog on the topic never grows the process's memory).
+====================  =================================  ======================================
+stage function        reads                              writes
+====================  =================================  ======================================
+1 ``fetch``           Kafka (``AIOKafkaConsumer``)       ``FetchQueue``: ``Received``
+2 ``batches``         ``Received``                       ``list[Received]`` (size or timeout)
+3 ``finish_decoding`` ``list[Received]``                 ``ReadyBatch`` (every photo decoded)
+4 ``process``         ``ReadyBatch``                     ``Outcome`` (events, dead letters)
+5 ``publish``         ``Outcome``                        ``Outcome`` (records sent)
+6 ``commit_in_order`` ``Outcome``                        Kafka (acknowledged, then committed)
+====================  =================================  ======================================
+
+Every queue is bounded (:data:`consumer.stream.QUEUE_DEPTHS`), so a slow stage holds the ones
+before it back, and a backlog on the topic never grows the process's memory. Each stage ends by
+putting :data:`consumer.stream.END` on its output once its input has ended. Decoding runs in the
+decode pool as soon as a record is fetched (stage 1 starts it, stage 3 waits for it); a
+:class:`Recognizer` decodes plain JPEGs on the device, embeds and matches, each on a single worker
+thread. Delivery (stages 5 and 6) goes through a :class:`consumer.delivery.Sink`.
 
 Shutdown order (SIGTERM, or ``stop`` set by the caller):
 
@@ -26,7 +41,7 @@ import io
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import torch
@@ -39,21 +54,11 @@ from catalog.matcher import Match, Matcher
 from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
 from catalog.store import Catalog
 from consumer.batcher import batches
-from consumer.messages import (
-    Candidate,
-    CatalogRef,
-    Latency,
-    MatchEvent,
-    Source,
-    dead_letter_headers,
-    event_id,
-)
-from consumer.messages import (
-    Photo as PhotoInfo,
-)
+from consumer.delivery import Outcome, OutRecord, PartitionOwner, Sink, commit_in_order, publish
+from consumer.messages import Candidate, CatalogRef, Latency, MatchEvent, Photo, Source, dead_letter_headers, event_id
 from consumer.metrics import Metrics
-from consumer.sink import Outcome, OutRecord, Sink, publish, settle
-from consumer.source import END, FetchQueue, InFlight, Photo, Poison, Received, fetch
+from consumer.source import Decoded, DecodedPhoto, FetchQueue, InFlight, PendingJpeg, Poison, Received, fetch
+from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +69,21 @@ class Topics:
     dead_letter: str
 
 
-class Model:
-    """The device's work on a batch: decoding plain JPEGs (when a device decoder is configured),
-    then embedding and matching. Each runs on its own single worker thread, off the event loop,
-    so the next batch decodes while this one is embedded."""
+@dataclass
+class ReadyBatch:
+    """A batch whose every record is decoded, or judged a dead letter (what stage 3 puts on its
+    queue). ``decoded[i]`` belongs to ``received[i]``; ``closed`` is when the batch closed
+    (``time.monotonic()``)."""
+
+    received: list[Received]
+    decoded: list[DecodedPhoto | Poison]
+    closed: float
+
+
+class Recognizer:
+    """Recognition of a batch on the model's device: decoding its plain JPEGs (when a device
+    decoder is configured), then embedding and matching. Each runs on its own single worker
+    thread, off the event loop, so the next batch decodes while this one is embedded."""
 
     def __init__(
         self, embedder: Embedder, matcher: Matcher, catalog: Catalog, jpeg_decoder: JpegBatchDecoder | None = None,
@@ -90,41 +106,45 @@ class Model:
         if self.jpeg_decoder is not None:
             buf = io.BytesIO()
             PILImage.new("RGB", (width, height), (128, 128, 128)).save(buf, "JPEG")
-            self.jpeg_decoder([probe_plain_jpeg(buf.getvalue(), size=(width, height))], (width, height))
+            example_jpeg = probe_plain_jpeg(buf.getvalue(), size=(width, height))
+            assert example_jpeg is not None  # Pillow's baseline JPEG is plain
+            self.jpeg_decoder([example_jpeg], (width, height))
         return time.perf_counter() - start
 
-    def decode_jpegs(self, decoded: list[Photo | Poison], limits: DecodeLimits) -> tuple[list[Photo | Poison], int]:
-        """Decode the batch's plain JPEGs together; one the device refuses is decoded by Pillow,
+    def decode_jpegs(self, decoded: list[Decoded], limits: DecodeLimits) -> tuple[list[DecodedPhoto | Poison], int]:
+        """Decode the batch's pending JPEGs together; one the device refuses is decoded by Pillow,
         which either succeeds or gives its dead-letter reason. Returns the batch and how many
         photos went to Pillow instead."""
         start = time.perf_counter()
         size = self.embedder.input_size
-        pending = [i for i, d in enumerate(decoded) if isinstance(d, Photo) and d.pixels is None]
+        pending: list[tuple[int, PendingJpeg]] = [(i, d) for i, d in enumerate(decoded) if isinstance(d, PendingJpeg)]
+        out: list[DecodedPhoto | Poison] = [d for d in decoded if not isinstance(d, PendingJpeg)]
         if not pending:
-            return decoded, 0
+            return out, 0
         if self.jpeg_decoder is None:
             raise RuntimeError("photos were left for a device decoder, but none is configured")
         try:
-            tensors = self.jpeg_decoder([decoded[i].jpeg for i in pending], size)
+            tensors = self.jpeg_decoder([p.jpeg for _, p in pending], size)
         except Exception:  # whatever the device does, the photos still get decoded
             log.exception("device JPEG decoding failed for a batch of %d; decoding it with Pillow", len(pending))
             tensors = [None] * len(pending)
         share = (time.perf_counter() - start) / len(pending)
-        out = list(decoded)
+        result: list[DecodedPhoto | Poison | None] = [None if isinstance(d, PendingJpeg) else d for d in decoded]
         fallbacks = 0
-        for i, pixels in zip(pending, tensors, strict=True):
-            photo = decoded[i]
+        for (i, photo), pixels in zip(pending, tensors, strict=True):
+            spent = share
             if pixels is None:
                 fallbacks += 1
                 began = time.perf_counter()
                 try:
                     pixels = to_tensor(decode(photo.jpeg.data, size, limits).image)
                 except Exception as exc:
-                    out[i] = Poison.of(exc)
+                    result[i] = Poison.of(exc)
                     continue
-                share += time.perf_counter() - began
-            out[i] = replace(photo, pixels=pixels, jpeg=None, decode_s=photo.decode_s + share)
-        return out, fallbacks
+                spent += time.perf_counter() - began
+            result[i] = DecodedPhoto(pixels=pixels, fields=photo.fields, width=photo.width, height=photo.height,
+                                     decode_s=photo.decode_s + spent)
+        return [r for r in result if r is not None], fallbacks
 
     def __call__(self, images: list[torch.Tensor]) -> tuple[list[Match], float, float]:
         """Embed and match decoded photos (uint8 (3, H, W) each, on the CPU or the device)."""
@@ -140,17 +160,17 @@ class Model:
 
 
 def build_outcome(
-    batch: list[Received], decoded: list[Photo | Poison], matches: list[Match], *, model: Model,
-    topics: Topics, closed: float, embed_s: float, match_s: float, max_dead_letter_bytes: int,
+    ready: ReadyBatch, matches: list[Match], *, recognizer: Recognizer, topics: Topics, embed_s: float,
+    match_s: float, max_dead_letter_bytes: int,
 ) -> Outcome:
     """Turn a processed batch into output records, in input order, plus its commit offsets."""
     records: list[OutRecord] = []
     offsets: dict[TopicPartition, int] = {}
-    photos_in_batch = sum(isinstance(d, Photo) for d in decoded)
+    photos_in_batch = sum(isinstance(d, DecodedPhoto) for d in ready.decoded)
     match_iter = iter(matches)
     now = datetime.now(UTC)
     created = time.monotonic()
-    for received, result in zip(batch, decoded, strict=True):
+    for received, result in zip(ready.received, ready.decoded, strict=True):
         rec = received.record
         tp = TopicPartition(rec.topic, rec.partition)
         offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
@@ -175,18 +195,18 @@ def build_outcome(
         event = MatchEvent(
             event_id=event_id(rec.topic, rec.partition, rec.offset),
             source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
-            photo=PhotoInfo(width=result.width, height=result.height, **result.fields),
-            catalog=model.catalog_ref,
+            photo=Photo(width=result.width, height=result.height, **result.fields),
+            catalog=recognizer.catalog_ref,
             verdict=m.verdict.value,
             best=Candidate(sku=best_sku, score=best_score),
             margin=m.margin,
             candidates=[Candidate(sku=s, score=v) for s, v in m.candidates],
-            threshold=model.matcher.threshold,
-            min_margin=model.matcher.min_margin,
+            threshold=recognizer.matcher.threshold,
+            min_margin=recognizer.matcher.min_margin,
             batch_size=photos_in_batch,
             latency_ms=Latency(
                 decode=round(result.decode_s * 1e3, 3),
-                batch_wait=round((closed - received.arrived) * 1e3, 3),
+                batch_wait=round((ready.closed - received.arrived) * 1e3, 3),
                 embed=round(embed_s * 1e3, 3),
                 match=round(match_s * 1e3, 3),
                 pipeline=round((created - received.arrived) * 1e3, 3),
@@ -198,72 +218,77 @@ def build_outcome(
             headers=[("content-type", b"application/json")], source_timestamp_ms=rec.timestamp,
             verdict=m.verdict.value,
         ))
-    return Outcome(records=records, offsets=offsets, photos=len(batch))
+    return Outcome(records=records, offsets=offsets, photos=len(ready.received))
 
 
 async def finish_decoding(
-    inq: asyncio.Queue, outq: asyncio.Queue, *, model: Model, device_pool: Executor, limits: DecodeLimits,
-    metrics: Metrics,
+    inq: asyncio.Queue[list[Received] | EndOfStream], outq: asyncio.Queue[ReadyBatch | EndOfStream], *,
+    recognizer: Recognizer | None, device_pool: Executor, limits: DecodeLimits, metrics: Metrics,
 ) -> None:
     """Stage 3: wait for the batch's decodes; decode its plain JPEGs together on the device."""
     loop = asyncio.get_running_loop()
-    while (batch := await inq.get()) is not END:
+    while not isinstance(batch := await inq.get(), EndOfStream):
         closed = time.monotonic()
-        decoded = await asyncio.gather(*(r.decoded for r in batch))
-        if any(isinstance(d, Photo) and d.pixels is None for d in decoded):
-            decoded, fallbacks = await loop.run_in_executor(device_pool, model.decode_jpegs, decoded, limits)
+        decoded: list[Decoded] = list(await asyncio.gather(*(r.decoded for r in batch)))
+        if any(isinstance(d, PendingJpeg) for d in decoded):
+            if recognizer is None:
+                raise RuntimeError("photos were left for a device decoder, but none is configured")
+            done, fallbacks = await loop.run_in_executor(device_pool, recognizer.decode_jpegs, decoded, limits)
             if fallbacks:
                 metrics.device_decode_fallbacks.inc(fallbacks)
-        for received, result in zip(batch, decoded, strict=True):
-            if isinstance(result, Photo):
+        else:
+            done = [d for d in decoded if not isinstance(d, PendingJpeg)]
+        for received, result in zip(batch, done, strict=True):
+            if isinstance(result, DecodedPhoto):
                 received.drop_value()
-        await outq.put((batch, decoded, closed))
+        await outq.put(ReadyBatch(received=batch, decoded=done, closed=closed))
     await outq.put(END)
 
 
 async def process(
-    inq: asyncio.Queue, outq: asyncio.Queue, *, model: Model, model_pool: Executor, topics: Topics,
-    metrics: Metrics, max_dead_letter_bytes: int,
+    inq: asyncio.Queue[ReadyBatch | EndOfStream], outq: asyncio.Queue[Outcome | EndOfStream], *,
+    recognizer: Recognizer, model_pool: Executor, topics: Topics, metrics: Metrics, max_dead_letter_bytes: int,
 ) -> None:
     """Stage 4: embed and match the good photos of a batch in one go."""
     loop = asyncio.get_running_loop()
-    while (item := await inq.get()) is not END:
-        batch, decoded, closed = item
-        photos = [d for d in decoded if isinstance(d, Photo)]
+    while not isinstance(ready := await inq.get(), EndOfStream):
+        photos = [d for d in ready.decoded if isinstance(d, DecodedPhoto)]
         matches: list[Match] = []
         embed_s = match_s = 0.0
         if photos:
             images = [p.pixels for p in photos]
-            matches, embed_s, match_s = await loop.run_in_executor(model_pool, model, images)
+            matches, embed_s, match_s = await loop.run_in_executor(model_pool, recognizer, images)
             metrics.stage.labels("embed").observe(embed_s)
             metrics.stage.labels("match").observe(match_s)
-        metrics.batch_size.observe(len(batch))
-        for r, d in zip(batch, decoded, strict=True):
-            metrics.stage.labels("batch_wait").observe(closed - r.arrived)
-            if isinstance(d, Photo):
+        metrics.batch_size.observe(len(ready.received))
+        for r, d in zip(ready.received, ready.decoded, strict=True):
+            metrics.stage.labels("batch_wait").observe(ready.closed - r.arrived)
+            if isinstance(d, DecodedPhoto):
                 metrics.stage.labels("decode").observe(d.decode_s)
         await outq.put(build_outcome(
-            batch, decoded, matches, model=model, topics=topics, closed=closed, embed_s=embed_s,
-            match_s=match_s, max_dead_letter_bytes=max_dead_letter_bytes,
+            ready, matches, recognizer=recognizer, topics=topics, embed_s=embed_s, match_s=match_s,
+            max_dead_letter_bytes=max_dead_letter_bytes,
         ))
     await outq.put(END)
 
 
 class DrainOnRevoke(ConsumerRebalanceListener):
     """Before partitions are given up, let everything fetched so far be published and committed;
-    then tell the sink (exactly-once mode closes those partitions' transactional producers)."""
+    then tell the partition owner, if the sink is one (exactly-once mode closes those
+    partitions' transactional producers)."""
 
-    def __init__(self, in_flight: InFlight, timeout_s: float, metrics: Metrics, sink) -> None:
+    def __init__(self, in_flight: InFlight, timeout_s: float, metrics: Metrics, owner: PartitionOwner | None) -> None:
         self._in_flight = in_flight
         self._timeout_s = timeout_s
         self._metrics = metrics
-        self._sink = sink
+        self._owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
         pending = self._in_flight.count
-        self._sink.revoking(revoked)
+        if self._owner is not None:
+            self._owner.revoking(revoked)
         drained = await self._in_flight.wait_idle(self._timeout_s)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag was recorded for it yet
@@ -271,41 +296,44 @@ class DrainOnRevoke(ConsumerRebalanceListener):
         if not drained:
             log.warning("rebalance: %d photos still in flight after %.0fs; they will be re-read by the new owner",
                         self._in_flight.count, self._timeout_s)
-            await self._sink.drain_timed_out(revoked)
+            if self._owner is not None:
+                await self._owner.drain_timed_out(revoked)
             return
         log.info("rebalance: drained %d in-flight photos before giving up %s", pending, sorted(revoked))
-        await self._sink.revoked(revoked)
+        if self._owner is not None:
+            await self._owner.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned %s", sorted(assigned))
-        await self._sink.assigned(assigned)
+        if self._owner is not None:
+            await self._owner.assigned(assigned)
 
 
 async def run_pipeline(
-    consumer: AIOKafkaConsumer, sink: Sink, *, model: Model, topics: Topics, decode_pool: Executor,
+    consumer: AIOKafkaConsumer, sink: Sink, *, recognizer: Recognizer, topics: Topics, decode_pool: Executor,
     model_pool: Executor, device_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
     in_flight: InFlight, metrics: Metrics, stop: asyncio.Event, poll_every_s: float,
 ) -> None:
     """Run every stage until ``stop`` is set and the last fetched batch is committed."""
-    size = model.embedder.input_size
-    fetched = FetchQueue(maxsize=2 * batch_size)
-    batched: asyncio.Queue = asyncio.Queue(maxsize=2)
-    ready: asyncio.Queue = asyncio.Queue(maxsize=1)
-    processed: asyncio.Queue = asyncio.Queue(maxsize=2)
-    sent: asyncio.Queue = asyncio.Queue(maxsize=4)
+    size = recognizer.embedder.input_size
+    fetched = FetchQueue(maxsize=QUEUE_DEPTHS.fetched(batch_size))
+    batched: asyncio.Queue[list[Received] | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.batched)
+    ready: asyncio.Queue[ReadyBatch | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.ready)
+    processed: asyncio.Queue[Outcome | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.processed)
+    sent: asyncio.Queue[Outcome | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.sent)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(fetch(
             consumer, fetched, pool=decode_pool, size=size, limits=limits, stop=stop,
             in_flight=in_flight, metrics=metrics, max_records=batch_size, poll_every_s=poll_every_s,
-            device_jpeg=model.jpeg_decoder is not None,
+            device_jpeg=recognizer.jpeg_decoder is not None,
         ), name="fetch")
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")
         tg.create_task(finish_decoding(
-            batched, ready, model=model, device_pool=device_pool, limits=limits, metrics=metrics,
+            batched, ready, recognizer=recognizer, device_pool=device_pool, limits=limits, metrics=metrics,
         ), name="finish-decoding")
         tg.create_task(process(
-            ready, processed, model=model, model_pool=model_pool, topics=topics, metrics=metrics,
+            ready, processed, recognizer=recognizer, model_pool=model_pool, topics=topics, metrics=metrics,
             max_dead_letter_bytes=limits.max_bytes,
         ), name="process")
         tg.create_task(publish(processed, sent, sink), name="publish")
-        tg.create_task(settle(sent, sink, in_flight), name="settle")
+        tg.create_task(commit_in_order(sent, sink, in_flight), name="commit")

@@ -115,10 +115,10 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_formats", mode="before")
     @classmethod
-    def _split_formats(cls, value: object) -> object:
+    def _split_formats(cls, value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
-        return tuple(v.upper() for v in value)  # type: ignore[union-attr]
+        return tuple(v.upper() for v in value)
 
     @field_validator("allowed_formats")
     @classmethod

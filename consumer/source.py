@@ -1,4 +1,4 @@
-"""Kafka fetch and decode: records in, decoded photos (or poison verdicts) out.
+"""Kafka fetch and decode: records in, decoded photos (or dead-letter verdicts) out.
 
 Every record is handed to the decode pool the moment it is fetched, so decoding overlaps the
 model's work on the previous batch. Records enter the bounded queue in fetch order, which keeps
@@ -11,6 +11,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -19,22 +20,32 @@ from catalog.errors import ImageRejected
 from catalog.preprocess import DecodeLimits, PlainJpeg, RejectReason, decode, decode_unless_plain_jpeg, to_tensor
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
+from consumer.stream import END, EndOfStream
 
 log = logging.getLogger(__name__)
 
-END = None  # put on a queue after the last item: the next stage flushes and stops
-
 
 @dataclass(frozen=True)
-class Photo:
-    """A decodable photo: model input plus what the producer said about it."""
+class DecodedPhoto:
+    """A decoded photo: model input plus what the producer said about it."""
 
-    pixels: torch.Tensor | None  # uint8 (3, H, W) at the model's input size; None until `jpeg` is decoded
-    fields: dict  # key, camera_id, store_id, shelf_id, captured_at, content_type
+    pixels: torch.Tensor  # uint8 (3, H, W) at the model's input size
+    fields: dict[str, Any]  # key, camera_id, store_id, shelf_id, captured_at, content_type
     width: int
     height: int
     decode_s: float
-    jpeg: PlainJpeg | None = None  # checked, left for the batched device decoder
+
+
+@dataclass(frozen=True)
+class PendingJpeg:
+    """A plain JPEG whose headers passed the checks, left for the batched device decoder
+    (:meth:`consumer.pipeline.Recognizer.decode_jpegs` turns it into a :class:`DecodedPhoto`)."""
+
+    jpeg: PlainJpeg
+    fields: dict[str, Any]
+    width: int
+    height: int
+    decode_s: float
 
 
 @dataclass(frozen=True)
@@ -57,11 +68,18 @@ class Poison:
         return cls(reason=RejectReason.CORRUPT_IMAGE.value, error=f"unexpected {type(exc).__name__}: {exc}")
 
 
+# What decoding one record gives.
+Decoded = DecodedPhoto | PendingJpeg | Poison
+
+
 @dataclass
 class Received:
+    """A fetched record and its decode, started at once in the decode pool (what the fetch
+    stage puts on its queue)."""
+
     record: ConsumerRecord
     arrived: float  # time.monotonic() when fetched
-    decoded: asyncio.Future = field(repr=False)  # -> Photo | Poison
+    decoded: asyncio.Future[Decoded] = field(repr=False)
 
     def drop_value(self) -> None:
         """Forget the photo's bytes once it is decoded: only a dead letter needs them again, and a
@@ -69,9 +87,9 @@ class Received:
         self.record = replace(self.record, value=None)
 
 
-def inspect(
+def decode_record(
     record: ConsumerRecord, size: tuple[int, int], limits: DecodeLimits, device_jpeg: bool = False,
-) -> Photo | Poison:
+) -> Decoded:
     """Decode one record (runs in the decode pool). Never raises for bad input.
 
     With ``device_jpeg`` a plain JPEG only has its headers checked here; its pixels are decoded
@@ -85,9 +103,9 @@ def inspect(
     except Exception as exc:
         return Poison.of(exc)
     if isinstance(decoded, PlainJpeg):
-        return Photo(pixels=None, fields=fields, width=decoded.width, height=decoded.height,
-                     decode_s=time.perf_counter() - start, jpeg=decoded)
-    return Photo(
+        return PendingJpeg(jpeg=decoded, fields=fields, width=decoded.width, height=decoded.height,
+                           decode_s=time.perf_counter() - start)
+    return DecodedPhoto(
         pixels=to_tensor(decoded.image), fields=fields, width=decoded.width, height=decoded.height,
         decode_s=time.perf_counter() - start,
     )
@@ -125,16 +143,22 @@ class InFlight:
             return False
 
 
-class FetchQueue(asyncio.Queue):
+class FetchQueue(asyncio.Queue[Received | EndOfStream]):
     """The queue of fetched records, whose one writer can wait for room without holding a record."""
 
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
         self._taken = asyncio.Event()
 
-    def _get(self):  # every get and get_nowait goes through here (asyncio.Queue's subclass hook)
+    async def get(self) -> Received | EndOfStream:
+        item = await super().get()
         self._taken.set()
-        return super()._get()
+        return item
+
+    def get_nowait(self) -> Received | EndOfStream:
+        item = super().get_nowait()
+        self._taken.set()
+        return item
 
     async def wait_for_room(self, timeout_s: float) -> bool:
         """True as soon as an item can be put; False if the queue stayed full for ``timeout_s``."""
@@ -184,7 +208,7 @@ async def fetch(
         fetched = await consumer.getmany(timeout_ms=100, max_records=min(max_records, free))
         for tp, records in fetched.items():
             for record in records:
-                future = loop.run_in_executor(pool, inspect, record, size, limits, device_jpeg)
+                future = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
                 in_flight.add(1)
                 out.put_nowait(Received(record=record, arrived=time.monotonic(), decoded=future))
             highwater = consumer.highwater(tp)

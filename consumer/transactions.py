@@ -36,24 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
+from consumer.delivery import Outcome, OutRecord, Retry, record_delivered
+from consumer.health import Health
 from consumer.metrics import Metrics
-from consumer.sink import (
-    BACKOFF_S,
-    RENEW_PRODUCER_ERRORS,
-    Health,
-    Outcome,
-    degraded,
-    record_delivered,
-    shrink_refused,
-)
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +58,14 @@ class OwnershipLost(RuntimeError):
 
 
 class TransactionalSink:
-    """Same interface as :class:`consumer.sink.Sink`, plus partition assignment callbacks.
+    """A :class:`consumer.delivery.Sink` and :class:`consumer.delivery.PartitionOwner`: one
+    transactional producer per assigned partition.
 
     ``assignment`` returns the partitions this member owns now (the consumer's ``assignment``).
     """
 
     def __init__(
-        self, producer_kwargs: dict, group_id: str, metrics: Metrics, health: Health,
+        self, producer_kwargs: dict[str, Any], group_id: str, metrics: Metrics, health: Health,
         assignment: Callable[[], set[TopicPartition]],
     ) -> None:
         self._kwargs = producer_kwargs
@@ -78,7 +74,7 @@ class TransactionalSink:
         self._health = health
         self._assignment = assignment
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
-        self._started: dict[TopicPartition, asyncio.Task] = {}  # each producer's start()
+        self._started: dict[TopicPartition, asyncio.Future[None]] = {}  # each producer's start()
         self._revoking: set[TopicPartition] = set()  # being given up in the rebalance under way
         self._lost: str | None = None  # why this member must stop, once it must
 
@@ -98,19 +94,25 @@ class TransactionalSink:
         producer = AIOKafkaProducer(transactional_id=self.transactional_id(tp), **self._kwargs)
         self._producers[tp] = producer
         started = self._started[tp] = asyncio.ensure_future(producer.start())
-        started.add_done_callback(
-            lambda task: task.cancelled() or task.exception() is None
-            or log.error("transactional producer of %s failed to start: %r", tp, task.exception()))
+        started.add_done_callback(functools.partial(_log_start_failure, tp))
 
     def revoking(self, partitions: set[TopicPartition]) -> None:
         """A rebalance began: these partitions may move, and a fence on them is expected."""
         self._revoking |= partitions
 
-    async def _renew_producer(self, tp: TopicPartition) -> None:
+    async def _renew_producer(self, tp: TopicPartition, cause: BaseException) -> bool:
         """After a refused record the producer's sequence numbers are ahead of the broker's, and
-        aiokafka does not reset them: a new producer with the same id starts clean (a new epoch)."""
+        aiokafka does not reset them: a new producer with the same id starts clean (a new epoch).
+        A renewed producer fences whoever else holds this id, so only for a partition still ours:
+        False when it is moving to another member (its new owner re-reads the batch)."""
+        if self._lost is not None:
+            raise OwnershipLost(self._lost) from cause
+        if self._moving(tp):
+            log.warning("%s is moving to another member; its new owner re-reads these photos", tp)
+            return False
         await self.revoked({tp})
         self._start_producer(tp)
+        return True
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
@@ -139,10 +141,10 @@ class TransactionalSink:
 
     async def settle(self, outcome: Outcome) -> None:
         start = time.perf_counter()
-        by_partition: dict[TopicPartition, list] = defaultdict(list)
+        by_partition: dict[TopicPartition, list[OutRecord]] = defaultdict(list)
         for r in outcome.records:
             by_partition[r.source].append(r)
-        delivered = []
+        delivered: list[OutRecord] = []
         for tp, offset in outcome.offsets.items():
             if await self._commit_partition(tp, by_partition.get(tp, []), offset):
                 delivered += by_partition.get(tp, [])
@@ -162,9 +164,9 @@ class TransactionalSink:
         if not self._moving(tp):
             raise OwnershipLost(f"{tp} is still assigned to this member but {why}")
 
-    async def _commit_partition(self, tp: TopicPartition, records: list, offset: int) -> bool:
+    async def _commit_partition(self, tp: TopicPartition, records: list[OutRecord], offset: int) -> bool:
         """Commit one partition's share of a batch; False when it was dropped (moved away)."""
-        attempt = 0
+        retry = Retry(self._health, self._metrics)
         while True:
             if self._lost is not None:
                 raise OwnershipLost(self._lost)
@@ -177,7 +179,7 @@ class TransactionalSink:
                 await self._started[tp]
             except Exception as exc:
                 raise OwnershipLost(f"the transactional producer of {tp} failed to start ({exc!r})") from exc
-            futures = []
+            futures: list[asyncio.Future] = []
             try:
                 async with producer.transaction():
                     for r in records:
@@ -189,8 +191,8 @@ class TransactionalSink:
                     if futures:
                         await asyncio.wait(futures)
                         for f in futures:
-                            if f.exception() is not None:
-                                raise f.exception()
+                            if (refused := f.exception()) is not None:
+                                raise refused
                     if self._lost is not None:  # the drain timed out meanwhile: abort, do not commit
                         raise OwnershipLost(self._lost)
             except (ProducerFenced, InvalidProducerEpoch):
@@ -202,27 +204,22 @@ class TransactionalSink:
             except KafkaError as exc:
                 # The transaction was aborted. A dead letter that its topic refused as too large
                 # goes again at once, without the photo's bytes (see consumer.sink).
-                failures = {i: f.exception() for i, f in enumerate(futures)
-                            if f.done() and not f.cancelled() and f.exception()}
+                failures: dict[int, BaseException] = {
+                    i: err for i, f in enumerate(futures)
+                    if f.done() and not f.cancelled() and (err := f.exception()) is not None
+                }
                 if len(futures) < len(records):
                     failures.setdefault(len(futures), exc)  # send() itself raised for this record
-                errors = [exc, *failures.values()]
-                shrunk = shrink_refused(records, failures)
-                if shrunk or any(isinstance(e, RENEW_PRODUCER_ERRORS) for e in errors):
-                    # A renewed producer fences whoever else holds this id: only for our own partition.
-                    if self._lost is not None:
-                        raise OwnershipLost(self._lost) from exc
-                    if self._moving(tp):
-                        log.warning("%s is moving to another member; its new owner re-reads these photos", tp)
-                        return False
-                    await self._renew_producer(tp)
-                if shrunk:
-                    continue
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-                degraded(self._health, self._metrics,
-                         f"transaction for {tp} failed ({type(exc).__name__}: {exc}); retrying in {delay:.1f}s")
-                attempt += 1
-                await asyncio.sleep(delay)
+                renew = functools.partial(self._renew_producer, tp, exc)
+                if not await retry.after_failure(records, failures, [exc, *failures.values()], renew=renew,
+                                                 what=f"transaction for {tp} failed"):
+                    return False
                 continue
-            self._health.set(publishing=True)
+            retry.succeeded()
             return True
+
+
+def _log_start_failure(tp: TopicPartition, started: asyncio.Future[None]) -> None:
+    """aiokafka only logs errors raised in a rebalance callback: say which producer failed."""
+    if not started.cancelled() and started.exception() is not None:
+        log.error("transactional producer of %s failed to start: %r", tp, started.exception())

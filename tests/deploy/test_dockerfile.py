@@ -132,8 +132,8 @@ def test_healthcheck_follows_the_services_healthz(monkeypatch):
     """The HEALTHCHECK one-liner, run against the service's real HTTP endpoint: 0 when the event
     loop ticks, non-zero when it has stalled."""
     from consumer.app import HEALTH_STALE_S, start_http
+    from consumer.health import Health
     from consumer.settings import Settings
-    from consumer.sink import Health
 
     command = _healthcheck_command()
     assert command[:2] == ["python", "-c"] and "/healthz" in command[2]

@@ -13,6 +13,7 @@ import pytest
 
 from catalog.build import build_catalog, references_from_folder
 from consumer.messages import MatchEvent
+from consumer.stream import QUEUE_DEPTHS
 from tests import photos as P
 from tests.kafka import committed, end_offsets, produce, read_all, read_until, unique
 
@@ -177,7 +178,7 @@ async def test_killed_consumer_resumes_from_committed_offsets_without_loss(broke
     ids = Counter(json.loads(r.value)["event_id"] for r in records)
     assert set(ids) == {s.event_id for s in sent}  # nothing lost
     dupes = sum(c - 1 for c in ids.values())
-    assert dupes <= 4 * 8 + 64  # only the uncommitted window (queues + batches in flight) repeats
+    assert dupes <= QUEUE_DEPTHS.photos_in_flight(4)  # only the uncommitted window repeats
 
 
 async def test_sigterm_drains_publishes_commits_and_exits_zero(broker, topics, service):

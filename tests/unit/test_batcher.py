@@ -2,7 +2,7 @@ import asyncio
 import time
 
 from consumer.batcher import batches
-from consumer.source import END
+from consumer.stream import END
 
 
 async def run(items, *, max_size, max_wait_s, feed_delay_s=0.0):

@@ -166,8 +166,8 @@ def test_fixed_batch_execution_refuses_to_run_before_its_warm_up(backbone):
 def test_photos_the_device_refuses_are_decoded_by_pillow_or_dead_lettered(backbone, shelf, store_jpegs):
     from catalog.build import Reference, catalog_from_vectors
     from catalog.matcher import Matcher
-    from consumer.pipeline import Model
-    from consumer.source import Photo, Poison
+    from consumer.pipeline import Recognizer
+    from consumer.source import DecodedPhoto, PendingJpeg, Poison
 
     class Refusing:
         def __call__(self, jpegs, size):
@@ -176,14 +176,14 @@ def test_photos_the_device_refuses_are_decoded_by_pillow_or_dead_lettered(backbo
     refs = [Reference(path=P.store_photos()[0][0], sku="a")]
     catalog = catalog_from_vectors(refs, np.eye(1, backbone.fingerprint.dim, dtype=np.float32), backbone, "none")
     embedder = Embedder(backbone, "cpu")
-    model = Model(embedder, Matcher(catalog, device=torch.device("cpu")), catalog, Refusing())
+    recognizer = Recognizer(embedder, Matcher(catalog, device=torch.device("cpu")), catalog, Refusing())
     batch = [
-        Photo(pixels=None, fields={}, width=348, height=348, decode_s=0.0, jpeg=probe_plain_jpeg(d))
+        PendingJpeg(jpeg=probe_plain_jpeg(d), fields={}, width=348, height=348, decode_s=0.0)
         for d in (store_jpegs[0], P.corrupt_body_jpeg(shelf))
     ]
-    out, fallbacks = model.decode_jpegs(batch, DecodeLimits())
+    out, fallbacks = recognizer.decode_jpegs(batch, DecodeLimits())
     assert fallbacks == 2
-    assert isinstance(out[0], Photo) and torch.equal(out[0].pixels, pillow(store_jpegs[0]))
+    assert isinstance(out[0], DecodedPhoto) and torch.equal(out[0].pixels, pillow(store_jpegs[0]))
     assert isinstance(out[1], Poison) and out[1].reason == "corrupt-image"
 
 

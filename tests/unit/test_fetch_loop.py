@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry
 
 from catalog.preprocess import DecodeLimits
 from consumer.metrics import Metrics
-from consumer.source import END, FetchQueue, InFlight, fetch
+from consumer.source import FetchQueue, InFlight, fetch
+from consumer.stream import END
 
 TP = TopicPartition("photos", 0)
 

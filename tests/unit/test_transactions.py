@@ -9,8 +9,9 @@ from aiokafka.errors import KafkaConnectionError, ProducerFenced
 from prometheus_client import CollectorRegistry
 
 import consumer.transactions as T
+from consumer.delivery import Outcome, OutRecord
+from consumer.health import Health
 from consumer.metrics import Metrics
-from consumer.sink import Health, Outcome, OutRecord
 
 TP = TopicPartition("photos", 0)
 

@@ -24,9 +24,8 @@ if TYPE_CHECKING:
 
 # Embeddings of evaluation images are reused between runs while files and model are unchanged.
 CACHE = Path(".cache") / "features"
-# Views per reference photo for training the head. 0: on the Grocery Store Dataset 4 views gained
-# 0.4 points of val top-1 over 3 training seeds and no calibrated recall (docs/quality-experiments.md),
-# not worth 4x the embedding time by default.
+# Views per reference photo for training the head. 0: extra views gained too little to be worth
+# their embedding time by default (docs/quality-experiments.md).
 AUGMENT_VIEWS = 0
 
 

@@ -107,7 +107,7 @@ def matching(device: torch.device, sizes: list[int], repeat: int) -> tuple[list[
         matcher = Matcher(random_catalog(n, 2048, device), device=device, top_k=5)
         full = timed(lambda m=matcher: m.match(q), device, repeat)
         core = timed(lambda m=matcher: torch.topk(m.scores(q), 5, dim=1), device, repeat)
-        rows.append({"catalog": n, "dtype": str(matcher._refs.dtype).split(".")[-1], "ms_per_batch_full": full * 1e3,
+        rows.append({"catalog": n, "dtype": str(matcher.dtype).split(".")[-1], "ms_per_batch_full": full * 1e3,
                      "ms_per_batch_matmul_topk": core * 1e3})
         print(f"match {n:>9,d} products {rows[-1]['dtype']:8s} full {full * 1e3:7.3f} ms  matmul+top-k "
               f"{core * 1e3:7.3f} ms", flush=True)

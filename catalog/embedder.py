@@ -120,6 +120,11 @@ class Embedder:
     def input_size(self) -> tuple[int, int]:
         return self.fingerprint.preprocessing.size
 
+    def run_network(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The network alone on one chunk, exactly at its shape: no chunking, no padding (for
+        benchmarks and experiments that measure a shape; :meth:`embed` is the service's path)."""
+        return self._run(pixels)
+
     @property
     def fixed_batch(self) -> bool:
         """Whether batches are padded to ``batch_size`` (graphs and compiled code are shape-specific)."""

@@ -53,8 +53,8 @@ class Matcher:
         self.min_margin = min_margin
         self.device = device
         # fp16 halves memory and doubles matmul speed on a GPU; CPUs stay in fp32.
-        self._dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self._refs = torch.from_numpy(catalog.embeddings).to(device, self._dtype)
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self._refs = torch.from_numpy(catalog.embeddings).to(device, self.dtype)
         self._row_sku = torch.from_numpy(catalog.row_sku.astype("int64")).to(device)
         self._products = len(catalog.skus)
         self._one_row_per_sku = len(catalog.row_sku) == self._products and bool(
@@ -64,7 +64,7 @@ class Matcher:
     @torch.inference_mode()
     def scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """(B, products) cosine similarity of each photo to each product's best reference."""
-        rows = vectors.to(self.device, self._dtype) @ self._refs.T  # (B, R)
+        rows = vectors.to(self.device, self.dtype) @ self._refs.T  # (B, R)
         rows = rows.float()
         if self._one_row_per_sku:
             return rows

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     batches = int(next((a for a in argv if a.isdigit()), "1000"))
     torch.set_num_threads(2)
     embedder = Embedder(load_backbone("mobilenet_v3_small", weights="none"), "cpu")
-    network = embedder._run
+    network = embedder.run_network
     pixels = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8)
     process = psutil.Process()
     rng = random.Random(0)

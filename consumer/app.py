@@ -38,6 +38,7 @@ from consumer.settings import Settings, available_cpus
 from consumer.sink import AtLeastOnceSink
 from consumer.source import InFlight
 from consumer.transactions import TransactionalSink
+from consumer.unreadable import UnreadableBatchError, UnreadableBatches
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ class Service:
                     batch_size=settings.batch_size, batch_max_wait_s=settings.batch_max_wait_ms / 1000,
                     in_flight=self.in_flight, metrics=self.metrics, stop=stop,
                     poll_every_s=settings.max_poll_interval_ms / 3000,
+                    unreadable=UnreadableBatches(settings.on_unreadable_batch, consumer_config(settings), self.metrics),
                 ), name="pipeline")
                 await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not pipeline.done():
@@ -270,8 +272,12 @@ class Service:
                         code = 1
                 ticker.cancel()
                 stopping.cancel()
+        except* UnreadableBatchError as failed:  # says all there is to say in one line
+            for exc in _leaves(failed):
+                log.error("stopping: %s", exc)
+            code = 1
         except* Exception as failed:  # a stage's error, or the clients' start (say, bad credentials)
-            for exc in failed.exceptions:
+            for exc in _leaves(failed):
                 log.error("fatal error; stopping without committing unpublished photos", exc_info=exc)
             code = 1
         finally:
@@ -293,6 +299,14 @@ class Service:
                 self.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(self.device))
                 self.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(self.device))
             await asyncio.sleep(1.0)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions of a group, nested groups (a TaskGroup inside a TaskGroup) flattened."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 async def serve(settings: Settings, registry: CollectorRegistry | None = None) -> int:

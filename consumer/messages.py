@@ -125,16 +125,20 @@ def parse_headers(key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> di
 
 def dead_letter_headers(
     headers: Sequence[tuple[str, bytes]], *, reason: str, error: str, topic: str, partition: int,
-    offset: int, truncated_from: int | None = None,
+    offset: int, truncated_from: int | None = None, first_offset: int | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The original headers followed by ours (Kafka Connect style, with stable reason codes)."""
+    """The original headers followed by ours (Kafka Connect style, with stable reason codes).
+    A dead letter for a range of records (``first_offset`` to ``offset``) names its first offset
+    in ``dlq-source-offset`` and its last in ``dlq-source-offset-last``."""
     ours = [
         ("dlq-reason", reason),
         ("dlq-error", error[:1000]),
         ("dlq-source-topic", topic),
         ("dlq-source-partition", str(partition)),
-        ("dlq-source-offset", str(offset)),
+        ("dlq-source-offset", str(offset if first_offset is None else first_offset)),
     ]
+    if first_offset is not None:
+        ours.append(("dlq-source-offset-last", str(offset)))
     if truncated_from is not None:
         ours.append(("dlq-value-truncated-from", str(truncated_from)))
     return [*headers, *((k, v.encode()) for k, v in ours)]

@@ -56,6 +56,11 @@ class Metrics:
         self.catalog_products = Gauge(
             "shelfmatch_catalog_products", "Products in the catalogue in use", registry=registry
         )
+        self.unreadable_batches = Counter(
+            "shelfmatch_unreadable_batches",
+            "Record batches of the input that could not be read (a codec missing here, a failed CRC)",
+            ["topic"], registry=registry,
+        )
         self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
         self.device_decode_fallbacks = Counter(
             "shelfmatch_device_decode_fallbacks",

@@ -59,6 +59,7 @@ from consumer.messages import Candidate, CatalogRef, Latency, MatchEvent, Photo,
 from consumer.metrics import Metrics
 from consumer.source import Decoded, DecodedPhoto, FetchQueue, InFlight, PendingJpeg, Poison, Received, fetch
 from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
+from consumer.unreadable import UnreadableBatches
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def build_outcome(
                 headers=dead_letter_headers(
                     list(rec.headers), reason=result.reason, error=result.error, topic=rec.topic,
                     partition=rec.partition, offset=rec.offset, truncated_from=truncated,
+                    first_offset=result.first_offset,
                 ),
                 source_timestamp_ms=rec.timestamp,
                 dead_letter=result.reason,
@@ -313,6 +315,7 @@ async def run_pipeline(
     consumer: AIOKafkaConsumer, sink: Sink, *, recognizer: Recognizer, topics: Topics, decode_pool: Executor,
     model_pool: Executor, device_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
     in_flight: InFlight, metrics: Metrics, stop: asyncio.Event, poll_every_s: float,
+    unreadable: UnreadableBatches | None = None,
 ) -> None:
     """Run every stage until ``stop`` is set and the last fetched batch is committed."""
     size = recognizer.embedder.input_size
@@ -325,7 +328,7 @@ async def run_pipeline(
         tg.create_task(fetch(
             consumer, fetched, pool=decode_pool, size=size, limits=limits, stop=stop,
             in_flight=in_flight, metrics=metrics, max_records=batch_size, poll_every_s=poll_every_s,
-            device_jpeg=recognizer.jpeg_decoder is not None,
+            device_jpeg=recognizer.jpeg_decoder is not None, unreadable=unreadable,
         ), name="fetch")
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")
         tg.create_task(finish_decoding(

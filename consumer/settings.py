@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         ("JPEG", "PNG", "WEBP"), description="comma-separated image formats"
     )
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="threads decoding photos")
+    on_unreadable_batch: Literal["dead-letter", "stop"] = Field(
+        "dead-letter",
+        description="dead-letter | stop: a record batch this process cannot read (a codec missing, a failed CRC) "
+        "becomes one unreadable-batch dead letter naming its offsets, or stops the service with exit 1",
+    )
 
     # Operations
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics /healthz /readyz server")

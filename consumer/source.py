@@ -21,6 +21,7 @@ from catalog.preprocess import DecodeLimits, PlainJpeg, RejectReason, decode, de
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
 from consumer.stream import END, EndOfStream
+from consumer.unreadable import REASON, UNREADABLE_ERRORS, UnreadableBatches
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Poison:
 
     reason: str
     error: str
+    first_offset: int | None = None  # set when it stands for a range of records, up to its record's offset
 
     @classmethod
     def of(cls, exc: Exception) -> Poison:
@@ -185,6 +187,7 @@ async def fetch(
     max_records: int,
     poll_every_s: float,
     device_jpeg: bool = False,
+    unreadable: UnreadableBatches | None = None,
 ) -> None:
     """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once.
 
@@ -205,7 +208,26 @@ async def fetch(
         if consumer.paused():
             consumer.resume(*consumer.paused())
         free = out.maxsize - out.qsize()  # only grows while we wait: this task is the only writer
-        fetched = await consumer.getmany(timeout_ms=100, max_records=min(max_records, free))
+        try:
+            fetched = await consumer.getmany(timeout_ms=100, max_records=min(max_records, free))
+        except UNREADABLE_ERRORS as exc:
+            if unreadable is None:
+                raise
+            drained = await in_flight.wait_idle(poll_every_s)
+            found = await unreadable.step_over(consumer, exc, drained=drained, max_records=min(max_records, free))
+            if found is None:
+                continue
+            for record in found.before:  # fewer than the poll asked for: there is room
+                in_flight.add(1)
+                decoding = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
+                out.put_nowait(Received(record=record, arrived=time.monotonic(), decoded=decoding))
+            if (error := unreadable.stop_error(found)) is not None:
+                await in_flight.wait_idle(poll_every_s)
+                raise error from exc
+            poison = Poison(reason=REASON, error=found.error, first_offset=found.first)
+            in_flight.add(1)
+            out.put_nowait(Received(record=found.record(), arrived=time.monotonic(), decoded=_done(poison)))
+            continue
         for tp, records in fetched.items():
             for record in records:
                 future = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
@@ -216,6 +238,12 @@ async def fetch(
                 lag = max(0, highwater - (records[-1].offset + 1))
                 metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
     await out.put(END)
+
+
+def _done(result: Decoded) -> asyncio.Future[Decoded]:
+    future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
 
 
 async def _poll_paused(consumer: AIOKafkaConsumer) -> None:

@@ -170,7 +170,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     producer_kwargs = dict(
         bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
         enable_idempotence=True, acks="all", max_request_size=settings.max_message_bytes + 1024 * 1024,
-        request_timeout_ms=settings.publish_timeout_ms,
+        request_timeout_ms=settings.publish_timeout_ms, compression_type=settings.compression_type,
         **security,
     )
     if settings.delivery == "exactly-once":

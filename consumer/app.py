@@ -23,6 +23,7 @@ from catalog.matcher import Matcher
 from catalog.models import backbone_of
 from catalog.preprocess import DecodeLimits
 from catalog.store import Catalog
+from consumer.acls import check_input_readable, missing_acl
 from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Model, Topics, run_pipeline
 from consumer.settings import Settings, available_cpus
@@ -183,6 +184,7 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
     stopping = asyncio.create_task(stop.wait(), name="stop")
     code = 0
     try:
+        await check_input_readable(settings, security)
         await sink.start()
         await consumer.start()
         consumer.subscribe([settings.input_topic], listener=listener)
@@ -208,8 +210,10 @@ async def serve(settings: Settings, registry: CollectorRegistry | None = None) -
                 code = 1
         if pipeline.done() and not pipeline.cancelled() and pipeline.exception() is not None:
             raise pipeline.exception()
-    except Exception:
+    except Exception as exc:
         log.exception("fatal error; stopping without committing unpublished photos")
+        if (hint := missing_acl(exc, settings)) is not None:
+            log.error(hint)
         code = 1
     finally:
         health.set(consuming=False)

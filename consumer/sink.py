@@ -25,6 +25,7 @@ from aiokafka.errors import (
     RecordTooLargeError, UnknownProducerId,
 )
 
+from consumer.acls import missing_acl
 from consumer.metrics import Metrics
 from consumer.source import END, InFlight
 
@@ -213,6 +214,8 @@ class Sink:
                     tried[i] = outcome.futures[i].exception()
             if shrink_refused(outcome.records, tried) < len(failed):
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                if (hint := missing_acl(errors[0], writing=True, topic=outcome.records[failed[0]].topic)) is not None:
+                    log.error(hint)
                 degraded(self._health, self._metrics, f"publishing {len(failed)} of {len(outcome.records)} records failed "
                                f"({type(errors[0]).__name__}: {errors[0]}); retrying in {delay:.1f}s")
                 attempt += 1

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
+from consumer.acls import missing_acl
 from consumer.metrics import Metrics
 from consumer.sink import (
     BACKOFF_S, RENEW_PRODUCER_ERRORS, Health, Outcome, degraded, record_delivered, shrink_refused,
@@ -213,6 +214,8 @@ class TransactionalSink:
                 if shrunk:
                     continue
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                if (hint := missing_acl(exc, writing=True)) is not None:
+                    log.error(hint)
                 degraded(self._health, self._metrics,
                          f"transaction for {tp} failed ({type(exc).__name__}: {exc}); retrying in {delay:.1f}s")
                 attempt += 1

@@ -30,6 +30,7 @@ from catalog.matcher import Matcher
 from catalog.models import backbone_of
 from catalog.preprocess import DecodeLimits
 from catalog.store import Catalog
+from consumer.acls import check_input_readable, missing_acl
 from consumer.delivery import PartitionOwner, Sink
 from consumer.health import Health
 from consumer.metrics import Metrics
@@ -84,7 +85,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     return dict(
         bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
         enable_idempotence=True, acks="all", max_request_size=settings.max_message_bytes + RECORD_OVERHEAD_BYTES,
-        request_timeout_ms=settings.publish_timeout_ms,
+        request_timeout_ms=settings.publish_timeout_ms, compression_type=settings.compression_type,
         **kafka_security(settings),
     )
 
@@ -206,6 +207,7 @@ class Service:
         recognizer = load_model(settings, catalog, device)
         metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
         metrics.catalog_products.set(len(catalog.skus))
+        metrics.unreadable_batches.labels(settings.input_topic)  # exported at 0, so that alerts see the first
         pools = Pools.create(settings.decode_workers)
         # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
         warmup_s = await asyncio.get_running_loop().run_in_executor(pools.model, recognizer.warm_up)
@@ -239,6 +241,7 @@ class Service:
             loop.add_signal_handler(sig, stop.set)
         code = 0
         try:
+            await check_input_readable(settings, kafka_security(settings))
             await self.sink.start()
             await self.consumer.start()
             listener = DrainOnRevoke(self.in_flight, settings.shutdown_timeout_s, self.metrics, self.owner)
@@ -279,6 +282,8 @@ class Service:
         except* Exception as failed:  # a stage's error, or the clients' start (say, bad credentials)
             for exc in _leaves(failed):
                 log.error("fatal error; stopping without committing unpublished photos", exc_info=exc)
+                if (hint := missing_acl(exc, settings)) is not None:
+                    log.error(hint)
             code = 1
         finally:
             self.health.set(consuming=False)

@@ -31,6 +31,7 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
+from consumer.acls import missing_acl
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.source import InFlight
@@ -174,6 +175,9 @@ class Retry:
         if not shrunk:
             delay = BACKOFF_S[min(self.attempts, len(BACKOFF_S) - 1)]
             first = errors[0] if errors else None
+            topic = records[min(failures)].topic if failures else None
+            if first is not None and (hint := missing_acl(first, writing=True, topic=topic)) is not None:
+                log.error(hint)
             self.degraded(f"{what} ({type(first).__name__}: {first}); retrying in {delay:.1f}s")
             self.attempts += 1
             await asyncio.sleep(delay)

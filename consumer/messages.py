@@ -23,6 +23,10 @@ HEADER_SHELF = "shelf-id"
 HEADER_CAPTURED = "captured-at"
 HEADER_CONTENT_TYPE = "content-type"
 KNOWN_HEADERS = (HEADER_CAMERA, HEADER_STORE, HEADER_SHELF, HEADER_CAPTURED, HEADER_CONTENT_TYPE)
+# The key and the headers we read are copied into the event (and the key is the event's key):
+# one of 1 MB would make an event that an output topic's default max.message.bytes (1 MB)
+# refuses, and that event's partition would stall. Ids and timestamps are far shorter.
+MAX_FIELD_BYTES = 1024
 
 
 class _Model(BaseModel):
@@ -96,8 +100,14 @@ def event_id(topic: str, partition: int, offset: int) -> str:
 
 
 def parse_headers(key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> dict:
-    """Read the record key and our known headers; malformed ones raise ``bad-header``."""
+    """Read the record key and our known headers; malformed ones raise ``bad-header``.
+
+    A header we read that appears more than once counts with its last value (as the Java
+    client's ``Headers.lastHeader``); headers under other names are not read at all, whatever
+    their size or bytes (a dead letter keeps them unchanged)."""
     fields: dict = {}
+    if key is not None and len(key) > MAX_FIELD_BYTES:
+        raise ImageRejected(RejectReason.BAD_HEADER.value, f"record key is {len(key)} bytes, over {MAX_FIELD_BYTES}")
     try:
         fields["key"] = key.decode("utf-8") if key is not None else None
     except UnicodeDecodeError as exc:
@@ -105,6 +115,10 @@ def parse_headers(key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> di
     for name, raw in headers:
         if name not in KNOWN_HEADERS or raw is None:
             continue
+        if len(raw) > MAX_FIELD_BYTES:
+            raise ImageRejected(
+                RejectReason.BAD_HEADER.value, f"header {name} is {len(raw)} bytes, over {MAX_FIELD_BYTES}"
+            )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -124,8 +138,15 @@ def parse_headers(key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> di
 
 
 def dead_letter_headers(
-    headers: Sequence[tuple[str, bytes]], *, reason: str, error: str, topic: str, partition: int,
-    offset: int, truncated_from: int | None = None, first_offset: int | None = None,
+    headers: Sequence[tuple[str, bytes]],
+    *,
+    reason: str,
+    error: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    truncated_from: int | None = None,
+    first_offset: int | None = None,
 ) -> list[tuple[str, bytes]]:
     """The original headers followed by ours (Kafka Connect style, with stable reason codes).
     A dead letter for a range of records (``first_offset`` to ``offset``) names its first offset

@@ -28,6 +28,25 @@ GUARANTEE = {
     "output topic missing, then created": "offsets held while unpublished; /readyz 503; recovers by itself",
     "backlog of 2,400 full-HD frames":
         "resident memory grows by less than half the extra backlog (300 vs 2,400 frames)",
+    **{
+        f"input compressed with {codec} by the Java producer":
+            "events == photos; batches stored with that codec; events stored zstd-compressed"
+        for codec in ("gzip", "snappy", "lz4", "zstd")
+    },
+    "odd records on 48 partitions (tombstone, repeated header, binary and 1 MB headers)":
+        "an event or a reasoned dead letter each; one lag series per partition, all back at 0",
+    "ACLs: exactly the documented set, at-least-once": "works: one event per photo, every offset committed",
+    "ACLs: exactly the documented set, exactly-once":
+        "works: one event per photo (read_committed), every offset committed",
+    "ACLs: no WRITE on the output topic, at-least-once":
+        "/readyz 503, nothing committed, the log names the ACL; no exit",
+    "ACLs: no WRITE on the output topic, exactly-once":
+        "/readyz 503, nothing committed, the log names the ACL; no exit",
+    "ACLs: no READ on the input topic": "exit 1 at start with one line naming the ACL (no silent idling)",
+    "unreadable batch (a codec missing here), dead-letter mode":
+        "one unreadable-batch dead letter naming the range; every readable photo of every partition matched",
+    "unreadable batch (a codec missing here), stop mode":
+        "the photos before the range committed, then exit 1 with one line naming it; no traceback",
 }
 
 
@@ -72,7 +91,10 @@ def main() -> int:
         "headers, memory bound; `tests/integration/test_service.py`), SASL_SSL with SCRAM-SHA-512 and TLS "
         "verification, failing closed on a wrong password, unknown user or wrong CA "
         "(`tests/integration/test_security.py`), non-root and read-only root filesystem in the chart and "
-        "Dockerfile (`tests/deploy`). Not covered: an ACL-denied (unwritable) output topic.",
+        "Dockerfile (`tests/deploy`). Codec and odd-record rows: `tests/fault/test_inputs.py` (the Java producer is "
+        "`tests/java/Produce.java`); ACL rows: `tests/fault/test_acls.py`, on a broker with KRaft's StandardAuthorizer "
+        "(`scripts/kafka-local start --sasl ... --acls`), each user granted exactly the README's ACLs, "
+        "or those less one.",
         "",
     ]
     DOC.parent.mkdir(exist_ok=True)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -14,6 +16,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
+JAVA_PRODUCER = ROOT / "tests" / "java" / "Produce.java"
+
+
+def kafka_libs() -> Path:
+    """The broker's jars as scripts/kafka-local resolved them (kafka-clients and its codecs among them)."""
+    version = re.search(r"<kafka.version>(.+)</kafka.version>", (ROOT / "scripts" / "kafka" / "pom.xml").read_text())
+    cache = Path(os.environ.get("SHELFMATCH_KAFKA_CACHE", ROOT / ".cache" / "kafka"))
+    return cache / version.group(1) / "libs"
 
 
 @dataclass
@@ -36,6 +46,27 @@ class Broker:
         if self.started_here:
             args = ["stop", "--keep-data"] if keep_data else ["stop"]
             subprocess.run([str(KAFKA_LOCAL), *args], env=self.env, check=True)
+
+    def data_dir(self) -> Path | None:
+        """The broker's log.dirs, when this session started it (None for an external broker)."""
+        if not self.started_here:
+            return None
+        return Path(json.loads(Path(self.env["SHELFMATCH_KAFKA_STATE"]).read_text())["workdir"]) / "data"
+
+    def batch_codecs(self, topic: str, partitions: int) -> dict[int, list[str]]:
+        """The compression codec of every record batch stored for ``topic``, per partition, as the
+        broker's own DumpLogSegments reads its log segments."""
+        data = self.data_dir()
+        assert data is not None, "needs the broker this session started"
+        found: dict[int, list[str]] = {}
+        for p in range(partitions):
+            segments = sorted(str(f) for f in (data / f"{topic}-{p}").glob("*.log"))
+            if not segments:
+                continue
+            out = subprocess.run(["java", "-cp", f"{kafka_libs()}/*", "kafka.tools.DumpLogSegments", "--files",
+                                  ",".join(segments)], check=True, capture_output=True, text=True).stdout
+            found[p] = re.findall(r"compresscodec: (\w+)", out)
+        return found
 
     def restart(self) -> None:
         """Bring a broker stopped with ``keep_data`` back, same port and data."""
@@ -70,9 +101,9 @@ class Sent:
 
 async def produce(
     bootstrap: str, topic: str, values: list[bytes], *, keys: list[bytes | None] | None = None,
-    headers: list[list[tuple[str, bytes]]] | None = None,
+    headers: list[list[tuple[str, bytes]]] | None = None, partitions: list[int] | None = None,
 ) -> list[Sent]:
-    """Send every value and return where each landed (acknowledged by the broker)."""
+    """Send every value (to ``partitions[i]`` if given) and return where each landed (acknowledged)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024, acks="all")
     await producer.start()
     try:
@@ -80,7 +111,8 @@ async def produce(
         for i, value in enumerate(values):
             key = keys[i] if keys else None
             hdrs = headers[i] if headers else []
-            futures.append(await producer.send(topic, value, key=key, headers=hdrs))
+            partition = partitions[i] if partitions else None
+            futures.append(await producer.send(topic, value, key=key, headers=hdrs, partition=partition))
         metas = await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -90,13 +122,48 @@ async def produce(
     ]
 
 
+def java_produce(
+    bootstrap: str, topic: str, codecs: list[str], values: list[bytes], folder: Path,
+) -> dict[str, list[Sent]]:
+    """Send every value once per codec with the official Java producer (tests/java/Produce.java,
+    ``compression.type=CODEC``, keys ``cam-<i>``); where each landed, per codec."""
+    paths = []
+    for i, value in enumerate(values):
+        paths.append(folder / f"value-{i}.bin")
+        paths[-1].write_bytes(value)
+    out = subprocess.run(
+        ["java", "-cp", f"{kafka_libs()}/*", str(JAVA_PRODUCER), bootstrap, topic, ",".join(codecs), *map(str, paths)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    sent: dict[str, list[Sent]] = {c: [] for c in codecs}
+    for line in out.splitlines():
+        codec, partition, offset = line.split()
+        i = len(sent[codec])
+        key = f"cam-{i}".encode()
+        sent[codec].append(Sent(topic, int(partition), int(offset), key, (("camera-id", key),)))
+    assert all(len(v) == len(values) for v in sent.values()), out
+    return sent
+
+
 async def read_until(
-    bootstrap: str, topic: str, done, *, timeout_s: float = 120.0, isolation_level: str = "read_uncommitted",
+    bootstrap: str,
+    topic: str,
+    done,
+    *,
+    timeout_s: float = 120.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list[ConsumerRecord]:
     """Read ``topic`` from the start until ``done(records)`` is true; fail after ``timeout_s``."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-        enable_auto_commit=False, isolation_level=isolation_level,
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     records: list[ConsumerRecord] = []

@@ -114,7 +114,7 @@ def test_panels_are_well_formed(dashboard):
 # --- Alerts ------------------------------------------------------------------------------------
 
 REQUIRED_ALERTS = {"ShelfmatchConsumerLagHigh", "ShelfmatchDeadLetterRateHigh", "ShelfmatchLatencyP99High",
-                   "ShelfmatchNoEventsPublished"}
+                   "ShelfmatchNoEventsPublished", "ShelfmatchUnreadableBatch"}
 
 
 @pytest.fixture(scope="module")

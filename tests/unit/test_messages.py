@@ -51,3 +51,23 @@ def test_event_schema_has_the_contract_fields():
                   "threshold", "latency_ms"):
         assert field in schema["required"] or field in schema["properties"]
     assert set(schema["properties"]["verdict"]["enum"]) == {"match", "ambiguous", "unknown"}
+
+
+def test_a_repeated_header_counts_with_its_last_value():
+    fields = parse_headers(None, [("camera-id", b"first"), ("store-id", b"s1"), ("camera-id", b"last")])
+    assert fields["camera_id"] == "last" and fields["store_id"] == "s1"
+
+
+@pytest.mark.parametrize("key,headers", [
+    (b"k" * 1025, []),
+    (None, [("camera-id", b"c" * 1025)]),
+], ids=["long-key", "long-known-header"])
+def test_a_key_or_read_header_over_1_kib_is_a_bad_header(key, headers):
+    with pytest.raises(ImageRejected) as info:
+        parse_headers(key, headers)
+    assert info.value.reason == "bad-header" and "over 1024" in str(info.value)
+
+
+def test_a_large_binary_header_under_another_name_is_not_read():
+    fields = parse_headers(b"k" * 1024, [("x-trace", b"\xff" * 1_048_576), ("camera-id", b"c" * 1024)])
+    assert fields["key"] == "k" * 1024 and fields["camera_id"] == "c" * 1024

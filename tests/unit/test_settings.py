@@ -101,3 +101,13 @@ def test_available_cpus_follow_the_container_quota_not_the_node(tmp_path):
     assert available_cpus(tmp_path / "nothing") == affinity
     big = 1000 * 100000
     assert available_cpus(_cgroup(tmp_path / "big", {"cpu.max": f"{big} 100000\n"})) == affinity  # never above affinity
+
+
+def test_output_compression_defaults_to_zstd_and_none_means_uncompressed(monkeypatch):
+    monkeypatch.delenv("SHELFMATCH_COMPRESSION", raising=False)
+    assert Settings().compression_type == "zstd"  # measured in bench/compression.py
+    monkeypatch.setenv("SHELFMATCH_COMPRESSION", "none")
+    assert Settings().compression_type is None
+    monkeypatch.setenv("SHELFMATCH_COMPRESSION", "brotli")
+    with pytest.raises(ValidationError, match="compression"):
+        Settings()

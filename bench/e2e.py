@@ -143,7 +143,8 @@ class Service:
                "SHELFMATCH_INPUT_TOPIC": topic, "SHELFMATCH_OUTPUT_TOPIC": out, "SHELFMATCH_DLQ_TOPIC": out + ".dlq",
                "SHELFMATCH_GROUP_ID": group, "SHELFMATCH_METRICS_HOST": "127.0.0.1",
                "SHELFMATCH_METRICS_PORT": str(self.port), "SHELFMATCH_DEVICE": "cpu",
-               "SHELFMATCH_BATCH_SIZE": str(BATCH), "SHELFMATCH_LOG_LEVEL": "WARNING"}
+               "SHELFMATCH_BATCH_SIZE": str(BATCH), "SHELFMATCH_LOG_LEVEL": "WARNING",
+               "SHELFMATCH_THRESHOLD": "0.7"}  # the benchmark measures speed, not verdicts
         self.proc = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env, cwd=ROOT)
         self.peak_rss = 0
         deadline = time.monotonic() + 300

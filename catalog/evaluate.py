@@ -25,7 +25,7 @@ RESEARCH_THRESHOLDS = (0.85, 0.90, 0.95, 0.99)
 class ThresholdRow:
     threshold: float
     recall: float  # share of queries whose true product passes the threshold
-    fp_per_tp: float  # wrong products passing / true products passing
+    fp_per_tp: float | None  # wrong products passing / true products passing; None when none is found
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def threshold_table(
         passing = scores >= t
         tp = int((true_scores >= t).sum())
         fp = int(passing.sum()) - tp
-        rows.append(ThresholdRow(threshold=float(t), recall=tp / len(truth), fp_per_tp=fp / tp if tp else float("nan")))
+        rows.append(ThresholdRow(threshold=float(t), recall=tp / len(truth), fp_per_tp=fp / tp if tp else None))
     return tuple(rows)
 
 
@@ -193,7 +193,8 @@ def plot(results: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path) -> li
     for name, (scores, truth) in results.items():
         table = threshold_table(scores, truth, thresholds)
         ax_r.plot(thresholds, [100 * r.recall for r in table], label=name)
-        ax_f.plot(thresholds, [100 * r.fp_per_tp for r in table], label=name)
+        ax_f.plot(thresholds, [100 * r.fp_per_tp if r.fp_per_tp is not None else float("nan") for r in table],
+                  label=name)
     ax_r.set(xlabel="similarity threshold", ylabel="recall %", title="true product found")
     ax_f.set(
         xlabel="similarity threshold",
@@ -230,5 +231,6 @@ def format_table(q: Quality) -> str:
         "  threshold   recall %   false positives per true positive %",
     ]
     for r in q.table:
-        lines.append(f"  {r.threshold:9.2f}   {100 * r.recall:8.1f}   {100 * r.fp_per_tp:8.1f}")
+        fp = f"{100 * r.fp_per_tp:8.1f}" if r.fp_per_tp is not None else "     n/a"
+        lines.append(f"  {r.threshold:9.2f}   {100 * r.recall:8.1f}   {fp}")
     return "\n".join(lines)

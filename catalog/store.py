@@ -6,10 +6,13 @@ with a JSON document under the metadata key ``shelfmatch``::
 
     {"format": "shelfmatch-catalog/1", "version": "<12 hex>", "created_at": "<RFC 3339>",
      "fingerprint": {...}, "weights_source": "imagenet", "skus": [...], "references": [...],
-     "calibration": {"threshold": 0.9, "min_margin": 0.02} | null}
+     "references_base": "catalog", "calibration": {"threshold": 0.9, "min_margin": 0.02} | null}
 
 and, when a projection head was trained (``shelfmatch catalog train-head``), its weights as
 ``head.*`` tensors; the fingerprint then names the head's content hash.
+
+``references`` are relative to the folder of the catalogue file (``references_base``); files
+written before that field hold them as given to the build, relative to its working directory.
 
 ``version`` is a hash of the vectors, the SKUs and the fingerprint: two builds of the same
 references with the same model get the same version, and any change gives a new one.
@@ -86,7 +89,11 @@ class Catalog:
             "fingerprint": self.fingerprint.to_dict(),
             "weights_source": self.weights_source,
             "skus": list(self.skus),
-            "references": list(self.references),
+            # Relative to the catalogue file's folder, so that both can move together and the file
+            # works from any working directory (files written before this field: relative to the
+            # working directory of the build).
+            "references": [_relative_to(ref, path.parent) for ref in self.references],
+            "references_base": "catalog",
             "calibration": None if self.calibration is None else vars(self.calibration),
         }
         tensors = {
@@ -125,7 +132,10 @@ class Catalog:
             skus=tuple(meta["skus"]),
             fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
             weights_source=meta.get("weights_source", "imagenet"),
-            references=tuple(meta.get("references", ())),
+            references=tuple(
+                _resolved(ref, path.parent) if meta.get("references_base") == "catalog" else ref
+                for ref in meta.get("references", ())
+            ),
             created_at=meta["created_at"],
             calibration=None if calibration is None else Calibration(**calibration),
             head_state=head or None,
@@ -153,3 +163,13 @@ class Catalog:
             + ("none" if cal is None else f"threshold {cal.threshold:.3f}, min margin {cal.min_margin:.3f}"),
         ]
         return "\n".join(lines)
+
+
+def _relative_to(reference: str, folder: Path) -> str:
+    """``reference`` (absolute, or relative to the working directory) relative to ``folder``."""
+    return os.path.relpath(os.path.abspath(reference), os.path.abspath(folder))
+
+
+def _resolved(reference: str, folder: Path) -> str:
+    """A stored reference path, relative to the catalogue's ``folder``, as an absolute path."""
+    return os.path.normpath(os.path.join(os.path.abspath(folder), reference))

@@ -20,11 +20,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import torch
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from catalog.embedder import Embedder, resolve_device
-from catalog.errors import FingerprintMismatchError
+from catalog.errors import CatalogError, FingerprintMismatchError
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Matcher
 from catalog.models import backbone_of
@@ -32,6 +33,7 @@ from catalog.preprocess import DecodeLimits
 from catalog.store import Catalog
 from consumer.acls import check_input_readable, missing_acl
 from consumer.delivery import PartitionOwner, Sink
+from consumer.errors import ConfigurationError
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Recognizer, Topics, run_pipeline
@@ -43,8 +45,10 @@ from consumer.unreadable import UnreadableBatchError, UnreadableBatches
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.85  # lowest threshold the research studied; calibrate per catalogue instead
 HEALTH_STALE_S = 30.0  # /healthz fails if the event loop has not ticked for this long
+# How old the consumer's topic metadata may get: a topic created after the service started (or a
+# misspelt one fixed) is seen within this time, not aiokafka's default of 5 minutes.
+METADATA_MAX_AGE_MS = 10_000
 # Room for a record's key, headers and batch framing beyond the largest photo we accept.
 RECORD_OVERHEAD_BYTES = 1024 * 1024
 
@@ -69,7 +73,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         client_id=settings.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
         isolation_level="read_committed", session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(300, settings.session_timeout_ms // 3),
-        max_poll_interval_ms=settings.max_poll_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms, metadata_max_age_ms=METADATA_MAX_AGE_MS,
         # A record larger than one partition's fetch is skipped by aiokafka with only a log
         # line; allow the largest photo we accept (plus headers) so it reaches the DLQ instead.
         # The whole fetch is held no larger than that too: fetched data waits in memory until the
@@ -103,7 +107,13 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Re
     calibration = catalog.calibration
     threshold = settings.threshold
     if threshold is None:
-        threshold = calibration.threshold if calibration else DEFAULT_THRESHOLD
+        if calibration is None:
+            raise ConfigurationError(
+                f"catalogue {settings.catalog} is not calibrated, so no threshold for 'match' is known: run "
+                f"`shelfmatch catalog calibrate --catalog {settings.catalog} --queries DIR` on labelled photos "
+                "(DIR/<sku>/<image>), or set SHELFMATCH_THRESHOLD"
+            )
+        threshold = calibration.threshold
     min_margin = settings.min_margin
     if min_margin is None:
         min_margin = calibration.min_margin if calibration else 0.0
@@ -152,7 +162,13 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
         start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
         return [b"ok\n" if ok else b"not ok\n"]
 
-    server = make_server(settings.metrics_host, settings.metrics_port, app, _ThreadingWSGIServer, _QuietHandler)
+    try:
+        server = make_server(settings.metrics_host, settings.metrics_port, app, _ThreadingWSGIServer, _QuietHandler)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc.strerror or exc}): "
+            "set SHELFMATCH_METRICS_PORT (0 picks a free port) or SHELFMATCH_METRICS_HOST"
+        ) from exc
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.server_port)
     return server
@@ -198,7 +214,9 @@ class Service:
 
     @classmethod
     async def build(cls, settings: Settings, registry: CollectorRegistry) -> Service:
-        """Load the catalogue and its model, warm it up, create the clients; start HTTP last."""
+        """Check that Kafka is reachable (before minutes of model loading), load the catalogue and
+        its model, warm it up, create the clients; start HTTP last."""
+        await check_kafka(settings)
         metrics = Metrics(registry)
         health = Health(metrics.ready)
         catalog = Catalog.load(settings.catalog)
@@ -241,7 +259,6 @@ class Service:
             loop.add_signal_handler(sig, stop.set)
         code = 0
         try:
-            await check_input_readable(settings, kafka_security(settings))
             await self.sink.start()
             await self.consumer.start()
             listener = DrainOnRevoke(self.in_flight, settings.shutdown_timeout_s, self.metrics, self.owner)
@@ -297,9 +314,21 @@ class Service:
         self.http.shutdown()
 
     async def _tick(self) -> None:
-        """Proves the event loop alive for /healthz; samples GPU memory for the dashboard."""
+        """Proves the event loop alive for /healthz; follows whether the input topic exists (not
+        ready while it does not: a misspelt topic would otherwise look healthy); samples GPU
+        memory for the dashboard."""
+        topic = self.settings.input_topic
         while True:
             self.health.last_tick = time.monotonic()
+            found = self.consumer.partitions_for_topic(topic) is not None
+            if found != self.health.input_found:
+                if found:
+                    log.info("input topic %s found", topic)
+                else:
+                    log.warning("input topic %s does not exist (SHELFMATCH_INPUT_TOPIC); not ready until it does "
+                                "(create it with `shelfmatch topics create`; seen within %.0fs)",
+                                topic, METADATA_MAX_AGE_MS / 1000)
+                self.health.set(input_found=found)
             if self.device.type == "cuda":
                 self.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(self.device))
                 self.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(self.device))
@@ -314,9 +343,29 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return leaves
 
 
+async def check_kafka(settings: Settings) -> None:
+    """Fail fast, before the model loads, when the brokers cannot be reached or hide the input
+    topic from this principal."""
+    try:
+        await check_input_readable(settings, kafka_security(settings))
+    except KafkaConnectionError as exc:
+        raise ConfigurationError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} (SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS): {exc}"
+        ) from exc
+
+
 async def serve(settings: Settings, registry: CollectorRegistry | None = None) -> int:
-    """Run the service until SIGTERM/SIGINT; return the process exit code."""
-    service = await Service.build(settings, registry or CollectorRegistry())
+    """Run the service until SIGTERM/SIGINT; return the process exit code. A ConfigurationError
+    is raised to the caller (the CLI prints it in one line, exit 2)."""
+    try:
+        service = await Service.build(settings, registry or CollectorRegistry())
+    except (ConfigurationError, CatalogError):
+        raise
+    except Exception as exc:  # e.g. the brokers refuse our credentials
+        log.error("fatal error; stopping before consuming anything", exc_info=exc)
+        if (hint := missing_acl(exc, settings)) is not None:
+            log.error(hint)
+        return 1
     try:
         return await service.run()
     finally:

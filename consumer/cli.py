@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from catalog.errors import CatalogError
+from consumer.errors import ConfigurationError
+
+log = logging.getLogger("shelfmatch")
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
     from catalog.build import Reference
     from catalog.embedder import Embedder
     from catalog.store import Catalog
+    from consumer.settings import Settings
 
 # Embeddings of evaluation images are reused between runs while files and model are unchanged.
 CACHE = Path(".cache") / "features"
@@ -99,7 +104,8 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
                       scale=args.scale, weight_decay=args.weight_decay)
     trained = catalog_from_vectors(refs, project(head, features), backbone.with_head(head), catalog.weights_source)
     trained.save(args.out)
-    print(f"wrote {args.out} (calibration cleared: calibrate it again)")
+    cleared = " (its calibration no longer applies: calibrate this one again)" if catalog.calibration else ""
+    print(f"wrote {args.out}{cleared}")
     print(trained.summary())
     return 0
 
@@ -121,9 +127,10 @@ def _catalog_calibrate(args: argparse.Namespace) -> int:
     replace(catalog, calibration=Calibration(threshold=round(point.threshold, 6), min_margin=point.min_margin)).save(
         out
     )
+    where = f"written to {out}" if args.out else f"written into {out} in place (--out FILE writes a copy instead)"
     print(
         f"threshold {point.threshold:.4f}, min margin {point.min_margin:.3f}: precision "
-        f"{100 * point.precision:.1f}%, recall {100 * point.recall:.1f}% on {len(refs)} photos -> {out}"
+        f"{100 * point.precision:.1f}%, recall {100 * point.recall:.1f}% on {len(refs)} photos; {where}"
     )
     return 0
 
@@ -224,18 +231,40 @@ def _schema(_: argparse.Namespace) -> int:
     return 0
 
 
-def _consume(args: argparse.Namespace) -> int:
-    from consumer.app import serve
-    from consumer.settings import Settings
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings from SHELFMATCH_* variables and the command's flags (a flag wins); warns about
+    variables that name no setting. An invalid value is a ConfigurationError naming the variable."""
+    from consumer.settings import Settings, explain, unknown_variables
 
+    for name in unknown_variables(os.environ):
+        log.warning("%s is not a shelfmatch setting and is ignored (misspelt? `shelfmatch consume --help` lists them)",
+                    name)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except ValidationError as exc:
-        print(f"shelfmatch consume: invalid settings\n{exc}", file=sys.stderr)
-        return 2
+        raise ConfigurationError(f"invalid settings: {explain(exc)}") from exc
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from consumer.app import serve
+    from consumer.logs import quiet_library_logs
+
+    settings = _settings(args)
     logging.getLogger().setLevel(settings.log_level)
+    quiet_library_logs()
     return asyncio.run(serve(settings))
+
+
+def _topics_create(args: argparse.Namespace) -> int:
+    from consumer.admin import create_topics
+
+    settings = _settings(args)
+    for line in asyncio.run(create_topics(settings, partitions=args.partitions,
+                                          replication_factor=args.replication_factor,
+                                          retention_ms=args.retention_ms)):
+        print(line)
+    return 0
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -274,12 +303,12 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=32)
     build.set_defaults(func=_catalog_build)
     head = cat.add_parser("train-head", help="train a projection head on the catalogue's reference photos")
-    head.add_argument("--catalog", required=True)
-    head.add_argument("--out", required=True)
+    head.add_argument("--catalog", required=True, help="catalogue file whose reference photos train the head")
+    head.add_argument("--out", required=True, help="catalogue file to write, with the head (a new fingerprint)")
     head.add_argument("--dim", type=int, default=256, help="output dimension of the head")
-    head.add_argument("--epochs", type=int, default=30)
+    head.add_argument("--epochs", type=int, default=30, help="passes over the references (default 30)")
     head.add_argument("--scale", type=float, default=8.0, help="inverse temperature of the proxy loss")
-    head.add_argument("--weight-decay", type=float, default=1e-2)
+    head.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 0.01)")
     head.add_argument(
         "--augment",
         type=int,
@@ -313,13 +342,29 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--references", help="reference photos DIR/<sku>/<image>, to build a catalogue per --models")
     ev.add_argument("--references-manifest", help="CSV with columns path,sku")
     ev.add_argument("--models", help=f"comma-separated backbones among {', '.join(BACKBONES)}")
-    ev.add_argument("--weights", default="imagenet")
+    ev.add_argument("--weights", default="imagenet", help="for --models: imagenet | none | PATH to a checkpoint")
     ev.add_argument("--methods", help="also the research's baselines: histogram,phash")
     ev.add_argument("--thresholds", help="comma-separated (default 0.85,0.90,0.95,0.99)")
     ev.add_argument("--target-precision", type=float, help="also report a 2-fold cross-validated operating point")
     ev.add_argument("--out", help="folder for report.json and PNG plots")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(func=_eval)
+
+    topics = sub.add_parser("topics", help="create the input, output and dead-letter topics").add_subparsers(
+        dest="action", required=True
+    )
+    create = topics.add_parser(
+        "create", help="create the topics named by the settings (SHELFMATCH_INPUT_TOPIC, ..._OUTPUT_TOPIC, "
+        "..._DLQ_TOPIC) on SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS; existing ones are left as they are",
+    )
+    create.add_argument("--partitions", type=int, default=3,
+                        help="partitions of the input topic: the most consumers that share the work (default 3)")
+    create.add_argument("--replication-factor", type=int, default=1,
+                        help="replicas per partition (default 1, a development broker; use 3 in production)")
+    create.add_argument("--retention-ms", type=int, default=7 * 24 * 3600 * 1000,
+                        help="how long the input and dead-letter topics keep records (default 7 days)")
+    _add_settings_flags(create)
+    create.set_defaults(func=_topics_create)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the MatchEvent")
     schema.set_defaults(func=_schema)
@@ -331,9 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except CatalogError as exc:
-        print(f"shelfmatch: {exc}", file=sys.stderr)
+    except (CatalogError, ConfigurationError, OSError) as exc:
+        # A wrong setting, file or address: one line that says what to do, exit 2. The traceback
+        # only with SHELFMATCH_LOG_LEVEL=DEBUG.
+        if os.environ.get("SHELFMATCH_LOG_LEVEL", "").upper() == "DEBUG":
+            log.exception("traceback")
+        print(f"shelfmatch: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"no such file: {exc.filename}"
+    if isinstance(exc, OSError) and not isinstance(exc, (CatalogError, ConfigurationError)):
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -74,13 +75,15 @@ class Settings(BaseSettings):
     # Matching
     catalog: Path = Field(Path("catalog.safetensors"), description="catalogue file built by `shelfmatch catalog build`")
     weights: str | None = Field(
-        None, description="weights source override (imagenet | PATH); must reproduce the catalogue's fingerprint"
+        None,
+        description="weights source override (imagenet | none | PATH); must reproduce the catalogue's fingerprint",
     )
     threshold: float | None = Field(
-        None, ge=-1.0, le=1.0, description="similarity threshold; default: the catalogue's calibration, else 0.85"
+        None, ge=-1.0, le=1.0,
+        description="similarity threshold; default: the catalogue's calibration (an uncalibrated catalogue needs it)"
     )
     min_margin: float | None = Field(
-        None, ge=0.0, le=2.0, description="least gap between best and second product; default: calibration, else 0.0"
+        None, ge=0.0, le=2.0, description="least gap between best and second product; default: the calibration's"
     )
     top_k: int = Field(5, ge=1, le=100, description="candidates per event")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
@@ -153,3 +156,36 @@ class Settings(BaseSettings):
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
             raise ValueError(f"{self.security_protocol} needs SHELFMATCH_SASL_USERNAME and SHELFMATCH_SASL_PASSWORD")
         return self
+
+
+ENV_PREFIX = "SHELFMATCH_"
+
+
+def variable(field: str) -> str:
+    """The environment variable of a settings field: ``batch_size`` -> ``SHELFMATCH_BATCH_SIZE``."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``SHELFMATCH_*`` variables that name no setting (a typo is otherwise ignored silently).
+    Variables of the tooling around the service (the local broker, the tests) are not settings."""
+    known = {variable(name) for name in Settings.model_fields}
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known and k not in TOOLING_VARIABLES)
+
+
+# Read by scripts/kafka-local and the test suite, never by the service.
+TOOLING_VARIABLES = frozenset({"SHELFMATCH_KAFKA_STATE", "SHELFMATCH_KAFKA_CACHE", "SHELFMATCH_KAFKA_START_TIMEOUT_S"})
+
+
+def explain(error: ValidationError) -> str:
+    """One line per invalid setting, named as the operator sets it (variable and flag)."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        if field in Settings.model_fields:
+            name = f"{variable(field)} (--{field.replace('_', '-')})"
+        else:
+            name = field or "settings"
+        value = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"{name}: {item['msg']}{value}")
+    return "; ".join(lines)

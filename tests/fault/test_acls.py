@@ -65,6 +65,7 @@ def case(authorized_broker, fast_catalog, tmp_path, request):
             "SHELFMATCH_INPUT_TOPIC": settings.input_topic, "SHELFMATCH_OUTPUT_TOPIC": settings.output_topic,
             "SHELFMATCH_DLQ_TOPIC": settings.dlq_topic, "SHELFMATCH_GROUP_ID": settings.group_id,
             "SHELFMATCH_DELIVERY": delivery, "SHELFMATCH_CATALOG": str(fast_catalog), "SHELFMATCH_BATCH_SIZE": "8",
+            "SHELFMATCH_THRESHOLD": "0.7",
             "SHELFMATCH_PUBLISH_TIMEOUT_MS": "2000", "SHELFMATCH_SESSION_TIMEOUT_MS": "6000",
         }, tmp_path / f"{user}.log").start()
         started.append(svc)

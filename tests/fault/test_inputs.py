@@ -44,7 +44,7 @@ async def shared(broker, fast_catalog, tmp_path_factory):
     svc = Service({
         "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "SHELFMATCH_GROUP_ID": unique("g"),
         "SHELFMATCH_INPUT_TOPIC": topics.input, "SHELFMATCH_OUTPUT_TOPIC": topics.output,
-        "SHELFMATCH_DLQ_TOPIC": topics.dlq, "SHELFMATCH_CATALOG": str(fast_catalog),
+        "SHELFMATCH_DLQ_TOPIC": topics.dlq, "SHELFMATCH_CATALOG": str(fast_catalog), "SHELFMATCH_THRESHOLD": "0.7",
         "SHELFMATCH_BATCH_SIZE": "16", "SHELFMATCH_SESSION_TIMEOUT_MS": "6000",
     }, log).start()
     try:

@@ -1,4 +1,3 @@
-import math
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ def test_threshold_table_counts_recall_and_false_positives_per_true_positive():
     assert r85.recall == 1.0  # all four true products pass 0.85 (0.96, 0.93, 0.88, 0.86)
     assert r85.fp_per_tp == 2 / 4  # 0.91 and 0.97 are wrong products passing
     assert r90.recall == 2 / 4 and r90.fp_per_tp == 2 / 2
-    assert r99.recall == 0.0 and math.isnan(r99.fp_per_tp)
+    assert r99.recall == 0.0 and r99.fp_per_tp is None  # nothing found: no ratio (JSON null, not NaN)
 
 
 def test_top_k_accuracy():

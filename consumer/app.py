@@ -49,6 +49,7 @@ HEALTH_STALE_S = 30.0  # /healthz fails if the event loop has not ticked for thi
 # How old the consumer's topic metadata may get: a topic created after the service started (or a
 # misspelt one fixed) is seen within this time, not aiokafka's default of 5 minutes.
 METADATA_MAX_AGE_MS = 10_000
+TOPIC_GRACE_S = 5.0  # the first metadata answer may take this long before a missing topic is reported
 # Room for a record's key, headers and batch framing beyond the largest photo we accept.
 RECORD_OVERHEAD_BYTES = 1024 * 1024
 
@@ -219,6 +220,7 @@ class Service:
         await check_kafka(settings)
         metrics = Metrics(registry)
         health = Health(metrics.ready)
+        health.set(input_found=False)  # until the consumer's metadata shows the input topic
         catalog = Catalog.load(settings.catalog)
         device = resolve_device(settings.device)
         tune_torch(device)
@@ -318,16 +320,19 @@ class Service:
         ready while it does not: a misspelt topic would otherwise look healthy); samples GPU
         memory for the dashboard."""
         topic = self.settings.input_topic
+        started, warned = time.monotonic(), False
         while True:
             self.health.last_tick = time.monotonic()
             found = self.consumer.partitions_for_topic(topic) is not None
+            if found and warned:
+                log.info("input topic %s found", topic)
+                warned = False
+            elif not found and not warned and self.health.last_tick - started > TOPIC_GRACE_S:
+                log.warning("input topic %s does not exist (SHELFMATCH_INPUT_TOPIC); not ready until it does "
+                            "(create it with `shelfmatch topics create`; it is seen within %.0fs)",
+                            topic, METADATA_MAX_AGE_MS / 1000)
+                warned = True
             if found != self.health.input_found:
-                if found:
-                    log.info("input topic %s found", topic)
-                else:
-                    log.warning("input topic %s does not exist (SHELFMATCH_INPUT_TOPIC); not ready until it does "
-                                "(create it with `shelfmatch topics create`; seen within %.0fs)",
-                                topic, METADATA_MAX_AGE_MS / 1000)
                 self.health.set(input_found=found)
             if self.device.type == "cuda":
                 self.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(self.device))

@@ -212,7 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report["plots"] = plot({n: (s, t) for n, (s, t, _) in results.items()}, out)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=float, allow_nan=False) + "\n")
         print(f"wrote {out / 'report.json'} and {len(report['plots'])} plots")
     return 0
 

@@ -110,7 +110,8 @@ class AtLeastOnceSink:
                     seen.add(acks[i])
                     tried[i] = err
             await retry.after_failure(outcome.records, tried, errors, renew=self._renew_producer,
-                                      what=f"publishing {len(failed)} of {len(outcome.records)} records failed")
+                                      what=f"publishing {len(failed)} of {len(outcome.records)} records to "
+                                      f"{', '.join(sorted({outcome.records[i].topic for i in failed}))} failed")
             await self._send(outcome, failed)
         del self._acks[outcome]
         acked = time.time()

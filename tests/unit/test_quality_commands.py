@@ -106,6 +106,6 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
     for path in (built, headed):
         catalog = Catalog.load(path)
         assert catalog.fingerprint.preprocessing.size == (288, 288)
-        model = load_model(Settings(catalog=path, threshold=0.7), catalog, torch.device("cpu"))  # refuses a fingerprint mismatch
+        model = load_model(Settings(catalog=path, threshold=0.7), catalog, torch.device("cpu"))  # refuses a mismatch
         assert model.embedder.input_size == (288, 288)
     assert Catalog.load(built).fingerprint.dim == 1280  # global pooling: the same dimension at any size

@@ -40,10 +40,10 @@ from consumer.sink import AtLeastOnceSink
 from consumer.source import InFlight
 from consumer.transactions import TransactionalSink
 from consumer.unreadable import UnreadableBatchError, UnreadableBatches
+from consumer.watcher import CatalogWatcher, FileIdentity, operating_point
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.85  # lowest threshold the research studied; calibrate per catalogue instead
 HEALTH_STALE_S = 30.0  # /healthz fails if the event loop has not ticked for this long
 # Room for a record's key, headers and batch framing beyond the largest photo we accept.
 RECORD_OVERHEAD_BYTES = 1024 * 1024
@@ -100,13 +100,7 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Re
             f"{source!r} give {backbone.fingerprint.describe()}; rebuild the catalogue or point "
             f"SHELFMATCH_WEIGHTS at the weights it was built with"
         )
-    calibration = catalog.calibration
-    threshold = settings.threshold
-    if threshold is None:
-        threshold = calibration.threshold if calibration else DEFAULT_THRESHOLD
-    min_margin = settings.min_margin
-    if min_margin is None:
-        min_margin = calibration.min_margin if calibration else 0.0
+    threshold, min_margin = operating_point(catalog, settings.threshold, settings.min_margin)
     embedder = Embedder(backbone, device, precision=settings.precision, execution=settings.execution,
                         batch_size=settings.batch_size)
     matcher = Matcher(catalog, device=device, top_k=settings.top_k, threshold=threshold, min_margin=min_margin)
@@ -161,11 +155,13 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
 @dataclass
 class Pools:
     """The worker threads: decoding (many), the model and the device decoder (one each, so
-    that CUDA graphs captured on the model thread stay on it)."""
+    that CUDA graphs captured on the model thread stay on it), and one that loads and uploads a
+    new catalogue while the model thread keeps matching against the old one."""
 
     decode: ThreadPoolExecutor
     model: ThreadPoolExecutor
     device_decode: ThreadPoolExecutor
+    catalog: ThreadPoolExecutor
 
     @classmethod
     def create(cls, decode_workers: int) -> Pools:
@@ -173,10 +169,11 @@ class Pools:
             decode=ThreadPoolExecutor(decode_workers, thread_name_prefix="decode"),
             model=ThreadPoolExecutor(1, thread_name_prefix="model"),
             device_decode=ThreadPoolExecutor(1, thread_name_prefix="device-decode"),
+            catalog=ThreadPoolExecutor(1, thread_name_prefix="catalog"),
         )
 
     def shutdown(self) -> None:
-        for pool in (self.decode, self.model, self.device_decode):
+        for pool in (self.decode, self.model, self.device_decode, self.catalog):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -195,18 +192,21 @@ class Service:
     owner: PartitionOwner | None  # the sink, when it follows partition ownership
     in_flight: InFlight
     http: WSGIServer
+    watcher: CatalogWatcher
 
     @classmethod
     async def build(cls, settings: Settings, registry: CollectorRegistry) -> Service:
         """Load the catalogue and its model, warm it up, create the clients; start HTTP last."""
         metrics = Metrics(registry)
         health = Health(metrics.ready)
+        seen = FileIdentity.of(settings.catalog)  # before loading: a file replaced meanwhile is seen as new
         catalog = Catalog.load(settings.catalog)
         device = resolve_device(settings.device)
         tune_torch(device)
         recognizer = load_model(settings, catalog, device)
-        metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
-        metrics.catalog_products.set(len(catalog.skus))
+        metrics.catalog_serving(version=catalog.version, model=catalog.fingerprint.backbone,
+                                products=len(catalog.skus), references=len(catalog.row_sku),
+                                device_bytes=recognizer.matcher.device_bytes)
         metrics.unreadable_batches.labels(settings.input_topic)  # exported at 0, so that alerts see the first
         pools = Pools.create(settings.decode_workers)
         # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
@@ -227,9 +227,14 @@ class Service:
             owner = None
             sink = AtLeastOnceSink(producer_config(settings), consumer, metrics, health,
                                    timeout_s=settings.publish_timeout_ms / 1000)
+        watcher = CatalogWatcher(
+            settings.catalog, recognizer, pool=pools.catalog, metrics=metrics, poll_s=settings.catalog_poll_s,
+            top_k=settings.top_k, threshold=settings.threshold, min_margin=settings.min_margin, seen=seen,
+        )
         http = start_http(settings, registry, health)
         return cls(settings=settings, metrics=metrics, health=health, device=device, recognizer=recognizer,
-                   pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http)
+                   pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http,
+                   watcher=watcher)
 
     async def run(self) -> int:
         """Consume until SIGTERM/SIGINT, then drain; return the process exit code. A drain that
@@ -251,6 +256,7 @@ class Service:
             async with asyncio.TaskGroup() as tg:
                 ticker = tg.create_task(self._tick(), name="tick")
                 stopping = tg.create_task(stop.wait(), name="stop")
+                watching = tg.create_task(self.watcher.run(), name="catalog-watch") if settings.catalog_poll_s else None
                 pipeline = tg.create_task(run_pipeline(
                     self.consumer, self.sink, recognizer=self.recognizer,
                     topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
@@ -275,6 +281,8 @@ class Service:
                         code = 1
                 ticker.cancel()
                 stopping.cancel()
+                if watching is not None:
+                    watching.cancel()
         except* UnreadableBatchError as failed:  # says all there is to say in one line
             for exc in _leaves(failed):
                 log.error("stopping: %s", exc)

@@ -7,7 +7,9 @@ catalogue's model, warmed up; worker pools; the Kafka clients and the sink; the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -152,6 +154,13 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
     return server
 
 
+def _lower_priority(niceness: int = 10) -> None:
+    """Run this thread at a lower CPU priority (Linux nice values are per thread): loading a new
+    catalogue may take the CPUs the model thread needs only when it has none to spare."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
 @dataclass
 class Pools:
     """The worker threads: decoding (many), the model and the device decoder (one each, so
@@ -169,7 +178,7 @@ class Pools:
             decode=ThreadPoolExecutor(decode_workers, thread_name_prefix="decode"),
             model=ThreadPoolExecutor(1, thread_name_prefix="model"),
             device_decode=ThreadPoolExecutor(1, thread_name_prefix="device-decode"),
-            catalog=ThreadPoolExecutor(1, thread_name_prefix="catalog"),
+            catalog=ThreadPoolExecutor(1, thread_name_prefix="catalog", initializer=_lower_priority),
         )
 
     def shutdown(self) -> None:

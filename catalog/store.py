@@ -121,27 +121,32 @@ class Catalog:
             raise CatalogFileError(f"{path} is not a readable catalogue: {exc}") from exc
         if raw is None:
             raise CatalogFileError(f"{path} has no shelfmatch metadata")
-        meta = json.loads(raw)
-        if meta.get("format") != FORMAT:
-            raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        calibration = meta.get("calibration")
-        head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        catalog = cls(
-            embeddings=tensors["embeddings"],
-            row_sku=tensors["row_sku"],
-            skus=tuple(meta["skus"]),
-            fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
-            weights_source=meta.get("weights_source", "imagenet"),
-            references=tuple(
-                _resolved(ref, path.parent) if meta.get("references_base") == "catalog" else ref
-                for ref in meta.get("references", ())
-            ),
-            created_at=meta["created_at"],
-            calibration=None if calibration is None else Calibration(**calibration),
-            head_state=head or None,
-        )
-        if catalog.version != meta["version"]:
-            raise CatalogFileError(f"{path}: content does not match its version {meta['version']} (corrupt?)")
+        # A file cut short or edited by hand can fail anywhere below: it is still only "not a
+        # catalogue", never another kind of error (a running service keeps its catalogue then).
+        try:
+            meta = json.loads(raw)
+            if meta.get("format") != FORMAT:
+                raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+            calibration = meta.get("calibration")
+            head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+            catalog = cls(
+                embeddings=tensors["embeddings"],
+                row_sku=tensors["row_sku"],
+                skus=tuple(meta["skus"]),
+                fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
+                weights_source=meta.get("weights_source", "imagenet"),
+                references=tuple(
+                    _resolved(ref, path.parent) if meta.get("references_base") == "catalog" else ref
+                    for ref in meta.get("references", ())
+                ),
+                created_at=meta["created_at"],
+                calibration=None if calibration is None else Calibration(**calibration),
+                head_state=head or None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CatalogFileError(f"{path} is not a readable catalogue: {type(exc).__name__}: {exc}") from exc
+        if catalog.version != meta.get("version"):
+            raise CatalogFileError(f"{path}: content does not match its version {meta.get('version')} (corrupt?)")
         return catalog
 
     def summary(self) -> str:

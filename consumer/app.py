@@ -7,7 +7,9 @@ catalogue's model, warmed up; worker pools; the Kafka clients and the sink; the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -42,6 +44,7 @@ from consumer.sink import AtLeastOnceSink
 from consumer.source import InFlight
 from consumer.transactions import TransactionalSink
 from consumer.unreadable import UnreadableBatchError, UnreadableBatches
+from consumer.watcher import CatalogWatcher, FileIdentity, operating_point
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +108,7 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Re
             f"{source!r} give {backbone.fingerprint.describe()}; rebuild the catalogue or point "
             f"SHELFMATCH_WEIGHTS at the weights it was built with"
         )
-    calibration = catalog.calibration
-    threshold = settings.threshold
-    if threshold is None:
-        if calibration is None:
-            raise ConfigurationError(
-                f"catalogue {settings.catalog} is not calibrated, so no threshold for 'match' is known: run "
-                f"`shelfmatch catalog calibrate --catalog {settings.catalog} --queries DIR` on labelled photos "
-                "(DIR/<sku>/<image>), or set SHELFMATCH_THRESHOLD"
-            )
-        threshold = calibration.threshold
-    min_margin = settings.min_margin
-    if min_margin is None:
-        min_margin = calibration.min_margin if calibration else 0.0
+    threshold, min_margin = operating_point(catalog, settings.threshold, settings.min_margin, settings.catalog)
     embedder = Embedder(backbone, device, precision=settings.precision, execution=settings.execution,
                         batch_size=settings.batch_size)
     matcher = Matcher(catalog, device=device, top_k=settings.top_k, threshold=threshold, min_margin=min_margin)
@@ -175,14 +166,23 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
     return server
 
 
+def _lower_priority(niceness: int = 10) -> None:
+    """Run this thread at a lower CPU priority (Linux nice values are per thread): loading a new
+    catalogue may take the CPUs the model thread needs only when it has none to spare."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
 @dataclass
 class Pools:
     """The worker threads: decoding (many), the model and the device decoder (one each, so
-    that CUDA graphs captured on the model thread stay on it)."""
+    that CUDA graphs captured on the model thread stay on it), and one that loads and uploads a
+    new catalogue while the model thread keeps matching against the old one."""
 
     decode: ThreadPoolExecutor
     model: ThreadPoolExecutor
     device_decode: ThreadPoolExecutor
+    catalog: ThreadPoolExecutor
 
     @classmethod
     def create(cls, decode_workers: int) -> Pools:
@@ -190,10 +190,11 @@ class Pools:
             decode=ThreadPoolExecutor(decode_workers, thread_name_prefix="decode"),
             model=ThreadPoolExecutor(1, thread_name_prefix="model"),
             device_decode=ThreadPoolExecutor(1, thread_name_prefix="device-decode"),
+            catalog=ThreadPoolExecutor(1, thread_name_prefix="catalog", initializer=_lower_priority),
         )
 
     def shutdown(self) -> None:
-        for pool in (self.decode, self.model, self.device_decode):
+        for pool in (self.decode, self.model, self.device_decode, self.catalog):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -212,6 +213,7 @@ class Service:
     owner: PartitionOwner | None  # the sink, when it follows partition ownership
     in_flight: InFlight
     http: WSGIServer
+    watcher: CatalogWatcher
 
     @classmethod
     async def build(cls, settings: Settings, registry: CollectorRegistry) -> Service:
@@ -221,12 +223,14 @@ class Service:
         metrics = Metrics(registry)
         health = Health(metrics.ready)
         health.set(input_found=False)  # until the consumer's metadata shows the input topic
+        seen = FileIdentity.of(settings.catalog)  # before loading: a file replaced meanwhile is seen as new
         catalog = Catalog.load(settings.catalog)
         device = resolve_device(settings.device)
         tune_torch(device)
         recognizer = load_model(settings, catalog, device)
-        metrics.catalog_info.labels(catalog.version, catalog.fingerprint.backbone).set(1)
-        metrics.catalog_products.set(len(catalog.skus))
+        metrics.catalog_serving(version=catalog.version, model=catalog.fingerprint.backbone,
+                                products=len(catalog.skus), references=len(catalog.row_sku),
+                                device_bytes=recognizer.matcher.device_bytes)
         metrics.unreadable_batches.labels(settings.input_topic)  # exported at 0, so that alerts see the first
         pools = Pools.create(settings.decode_workers)
         # Warm up on the thread that will run the model (compiled CUDA graphs are per thread).
@@ -247,9 +251,14 @@ class Service:
             owner = None
             sink = AtLeastOnceSink(producer_config(settings), consumer, metrics, health,
                                    timeout_s=settings.publish_timeout_ms / 1000)
+        watcher = CatalogWatcher(
+            settings.catalog, recognizer, pool=pools.catalog, metrics=metrics, poll_s=settings.catalog_poll_s,
+            top_k=settings.top_k, threshold=settings.threshold, min_margin=settings.min_margin, seen=seen,
+        )
         http = start_http(settings, registry, health)
         return cls(settings=settings, metrics=metrics, health=health, device=device, recognizer=recognizer,
-                   pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http)
+                   pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http,
+                   watcher=watcher)
 
     async def run(self) -> int:
         """Consume until SIGTERM/SIGINT, then drain; return the process exit code. A drain that
@@ -270,6 +279,7 @@ class Service:
             async with asyncio.TaskGroup() as tg:
                 ticker = tg.create_task(self._tick(), name="tick")
                 stopping = tg.create_task(stop.wait(), name="stop")
+                watching = tg.create_task(self.watcher.run(), name="catalog-watch") if settings.catalog_poll_s else None
                 pipeline = tg.create_task(run_pipeline(
                     self.consumer, self.sink, recognizer=self.recognizer,
                     topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
@@ -294,6 +304,8 @@ class Service:
                         code = 1
                 ticker.cancel()
                 stopping.cancel()
+                if watching is not None:
+                    watching.cancel()
         except* UnreadableBatchError as failed:  # says all there is to say in one line
             for exc in _leaves(failed):
                 log.error("stopping: %s", exc)

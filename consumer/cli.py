@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from catalog.build import Reference
     from catalog.embedder import Embedder
     from catalog.store import Catalog
+    from catalog.update import Change
     from consumer.settings import Settings
 
 # Embeddings of evaluation images are reused between runs while files and model are unchanged.
@@ -50,6 +51,58 @@ def _catalog_build(args: argparse.Namespace) -> int:
     catalog.save(args.out)
     print(f"wrote {args.out}")
     print(catalog.summary())
+    return 0
+
+
+def _report_change(change: Change, out: str, took_s: float) -> None:
+    catalog = change.catalog
+    parts = []
+    if change.rows_added or change.skipped:
+        parts.append(f"{change.rows_added} references added ({len(change.skus_added)} new SKUs)")
+        if change.skipped:
+            parts.append(f"{change.skipped} already there, skipped")
+    if change.rows_removed:
+        parts.append(f"{change.rows_removed} references removed ({len(change.skus_removed)} SKUs gone)")
+    print(f"wrote {out} in {took_s:.1f}s: {', '.join(parts) or 'no change'}")
+    print(catalog.summary())
+
+
+def _catalog_add(args: argparse.Namespace) -> int:
+    import time
+
+    from catalog.build import references_from_folder, references_from_manifest
+    from catalog.store import Catalog
+    from catalog.update import add_references, model_of
+
+    started = time.perf_counter()
+    catalog = Catalog.load(args.catalog)
+    if args.manifest:
+        refs = references_from_manifest(Path(args.manifest), Path(args.images) if args.images else None)
+    elif args.images:
+        refs = references_from_folder(Path(args.images))
+    else:
+        raise CatalogError("give --images DIR (one folder per SKU) or --manifest CSV")
+    change = add_references(catalog, refs, embedder=model_of(catalog, args.device, args.weights),
+                            batch_size=args.batch_size)
+    out = args.out or args.catalog
+    change.catalog.save(out)
+    _report_change(change, out, time.perf_counter() - started)
+    return 0
+
+
+def _catalog_remove(args: argparse.Namespace) -> int:
+    import time
+
+    from catalog.store import Catalog
+    from catalog.update import remove
+
+    started = time.perf_counter()
+    if not (args.sku or args.reference):
+        raise CatalogError("give --sku SKU or --reference PATH (each repeatable)")
+    change = remove(Catalog.load(args.catalog), skus=args.sku or [], references=args.reference or [])
+    out = args.out or args.catalog
+    change.catalog.save(out)
+    _report_change(change, out, time.perf_counter() - started)
     return 0
 
 
@@ -327,6 +380,25 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
     cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cal.set_defaults(func=_catalog_calibrate)
+    add = cat.add_parser("add", help="add references (new SKUs or more images) to a catalogue: only they are "
+                         "embedded, with the catalogue's own model")
+    add.add_argument("--catalog", required=True)
+    add.add_argument("--images", help="new references: DIR/<sku>/<image> (base folder for --manifest)")
+    add.add_argument("--manifest", help="CSV with columns path,sku")
+    add.add_argument("--out", help="catalogue file to write (default: replace --catalog, atomically; a running "
+                     "service swaps it in)")
+    add.add_argument("--weights", help="weights source if not the catalogue's (imagenet | none | PATH); must "
+                     "reproduce its fingerprint")
+    add.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add.add_argument("--batch-size", type=int, default=32)
+    add.set_defaults(func=_catalog_add)
+    rm = cat.add_parser("remove", help="remove SKUs or single references from a catalogue (nothing is embedded)")
+    rm.add_argument("--catalog", required=True)
+    rm.add_argument("--sku", action="append", help="a SKU to remove with all its references (repeatable)")
+    rm.add_argument("--reference", action="append", metavar="PATH",
+                    help="one reference image to remove, its path as the catalogue records it (repeatable)")
+    rm.add_argument("--out", help="catalogue file to write (default: replace --catalog, atomically)")
+    rm.set_defaults(func=_catalog_remove)
     info = cat.add_parser("info", help="print a catalogue's summary")
     info.add_argument("file")
     info.set_defaults(func=_catalog_info)

@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 STAGES = ("decode", "batch_wait", "embed", "match", "publish", "commit")
+# What a changed catalogue file led to (consumer/watcher.py). Only `swapped` changes the catalogue.
+SWAP_RESULTS = ("swapped", "unchanged", "invalid", "missing", "other_model", "no_memory", "failed")
 
 
 class Metrics:
@@ -56,6 +58,26 @@ class Metrics:
         self.catalog_products = Gauge(
             "shelfmatch_catalog_products", "Products in the catalogue in use", registry=registry
         )
+        self.catalog_references = Gauge(
+            "shelfmatch_catalog_references", "Reference vectors (matrix rows) in the catalogue in use",
+            registry=registry,
+        )
+        self.catalog_device_bytes = Gauge(
+            "shelfmatch_catalog_device_bytes", "Bytes the catalogue in use holds on the model's device",
+            registry=registry,
+        )
+        self.catalog_swaps = Counter(
+            "shelfmatch_catalog_swaps",
+            "Changes of the catalogue file handled, by result: swapped, unchanged (same version), invalid "
+            "(unreadable, corrupt, half-written), missing, other_model and no_memory (refused), failed",
+            ["result"], registry=registry,
+        )
+        self.catalog_swap_seconds = Histogram(
+            "shelfmatch_catalog_swap_seconds",
+            "From a changed catalogue file seen to the new catalogue serving: load, checks, upload, warm-up",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self._catalog_labels: tuple[str, str] | None = None
         self.unreadable_batches = Counter(
             "shelfmatch_unreadable_batches",
             "Record batches of the input that could not be read (a codec missing here, a failed CRC)",
@@ -73,3 +95,15 @@ class Metrics:
             self.stage.labels(stage)
         for outcome in ("matched", "dead_lettered"):
             self.photos.labels(outcome)
+        for result in SWAP_RESULTS:
+            self.catalog_swaps.labels(result)
+
+    def catalog_serving(self, *, version: str, model: str, products: int, references: int, device_bytes: int) -> None:
+        """Describe the catalogue now in use; ``shelfmatch_catalog_info`` keeps only its label set."""
+        if self._catalog_labels is not None and self._catalog_labels != (version, model):
+            self.catalog_info.remove(*self._catalog_labels)
+        self._catalog_labels = (version, model)
+        self.catalog_info.labels(version, model).set(1)
+        self.catalog_products.set(products)
+        self.catalog_references.set(references)
+        self.catalog_device_bytes.set(device_bytes)

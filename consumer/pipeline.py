@@ -18,6 +18,10 @@ decode pool as soon as a record is fetched (stage 1 starts it, stage 3 waits for
 :class:`Recognizer` decodes plain JPEGs on the device, embeds and matches, each on a single worker
 thread. Delivery (stages 5 and 6) goes through a :class:`consumer.delivery.Sink`.
 
+The catalogue a batch is matched against is the recognizer's :class:`Serving` object, read once per
+batch by stage 4: a catalogue swap (:mod:`consumer.watcher`) replaces that object between two
+batches, so every batch matches exactly one catalogue and its events name that one's version.
+
 Shutdown order (SIGTERM, or ``stop`` set by the caller):
 
 1. stop fetching: the fetch stage finishes its current poll and puts END on its queue;
@@ -51,8 +55,9 @@ from PIL import Image as PILImage
 from catalog.embedder import Embedder
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
+from catalog.models import Fingerprint
 from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
-from catalog.store import Catalog
+from catalog.store import Calibration, Catalog
 from consumer.batcher import batches
 from consumer.delivery import Outcome, OutRecord, PartitionOwner, Sink, commit_in_order, publish
 from consumer.messages import Candidate, CatalogRef, Latency, MatchEvent, Photo, Source, dead_letter_headers, event_id
@@ -81,20 +86,44 @@ class ReadyBatch:
     closed: float
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The catalogue in use: its matrix on the device (in ``matcher``) and what events say of it.
+    One object, replaced whole by a swap, so that a batch never mixes two catalogues."""
+
+    matcher: Matcher
+    ref: CatalogRef
+    fingerprint: Fingerprint
+    calibration: Calibration | None
+    products: int
+    references: int
+
+    @classmethod
+    def of(cls, catalog: Catalog, matcher: Matcher) -> Serving:
+        fp = catalog.fingerprint
+        return cls(matcher=matcher, ref=CatalogRef(version=catalog.version, model=fp.backbone, weights=fp.weights),
+                   fingerprint=fp, calibration=catalog.calibration, products=len(catalog.skus),
+                   references=len(catalog.row_sku))
+
+
 class Recognizer:
     """Recognition of a batch on the model's device: decoding its plain JPEGs (when a device
     decoder is configured), then embedding and matching. Each runs on its own single worker
-    thread, off the event loop, so the next batch decodes while this one is embedded."""
+    thread, off the event loop, so the next batch decodes while this one is embedded.
+
+    ``serving`` is the catalogue photos are matched against; only the event loop replaces it."""
 
     def __init__(
         self, embedder: Embedder, matcher: Matcher, catalog: Catalog, jpeg_decoder: JpegBatchDecoder | None = None,
     ) -> None:
         self.embedder = embedder
-        self.matcher = matcher
         self.jpeg_decoder = jpeg_decoder
-        self.catalog_ref = CatalogRef(
-            version=catalog.version, model=catalog.fingerprint.backbone, weights=catalog.fingerprint.weights
-        )
+        self.serving = Serving.of(catalog, matcher)
+
+    @property
+    def matcher(self) -> Matcher:
+        """The serving catalogue's matcher."""
+        return self.serving.matcher
 
     def warm_up(self) -> float:
         """Everything the first batch would otherwise pay: graph capture or compilation, cuBLAS
@@ -147,8 +176,10 @@ class Recognizer:
                                      decode_s=photo.decode_s + spent)
         return [r for r in result if r is not None], fallbacks
 
-    def __call__(self, images: list[torch.Tensor]) -> tuple[list[Match], float, float]:
-        """Embed and match decoded photos (uint8 (3, H, W) each, on the CPU or the device)."""
+    def __call__(self, images: list[torch.Tensor], serving: Serving | None = None) -> tuple[list[Match], float, float]:
+        """Embed and match decoded photos (uint8 (3, H, W) each, on the CPU or the device) against
+        ``serving`` (by default the catalogue serving now)."""
+        matcher = (serving or self.serving).matcher
         start = time.perf_counter()
         if any(img.device != images[0].device for img in images):
             images = [img.to(self.embedder.device) for img in images]
@@ -156,15 +187,16 @@ class Recognizer:
         if vectors.device.type == "cuda":
             torch.cuda.synchronize(vectors.device)
         embedded = time.perf_counter()
-        matches = self.matcher.match(vectors)
+        matches = matcher.match(vectors)
         return matches, embedded - start, time.perf_counter() - embedded
 
 
 def build_outcome(
-    ready: ReadyBatch, matches: list[Match], *, recognizer: Recognizer, topics: Topics, embed_s: float,
+    ready: ReadyBatch, matches: list[Match], *, serving: Serving, topics: Topics, embed_s: float,
     match_s: float, max_dead_letter_bytes: int,
 ) -> Outcome:
-    """Turn a processed batch into output records, in input order, plus its commit offsets."""
+    """Turn a processed batch, matched against ``serving``, into output records, in input order,
+    plus its commit offsets."""
     records: list[OutRecord] = []
     offsets: dict[TopicPartition, int] = {}
     photos_in_batch = sum(isinstance(d, DecodedPhoto) for d in ready.decoded)
@@ -198,13 +230,13 @@ def build_outcome(
             event_id=event_id(rec.topic, rec.partition, rec.offset),
             source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
             photo=Photo(width=result.width, height=result.height, **result.fields),
-            catalog=recognizer.catalog_ref,
+            catalog=serving.ref,
             verdict=m.verdict.value,
             best=Candidate(sku=best_sku, score=best_score),
             margin=m.margin,
             candidates=[Candidate(sku=s, score=v) for s, v in m.candidates],
-            threshold=recognizer.matcher.threshold,
-            min_margin=recognizer.matcher.min_margin,
+            threshold=serving.matcher.threshold,
+            min_margin=serving.matcher.min_margin,
             batch_size=photos_in_batch,
             latency_ms=Latency(
                 decode=round(result.decode_s * 1e3, 3),
@@ -251,15 +283,17 @@ async def process(
     inq: asyncio.Queue[ReadyBatch | EndOfStream], outq: asyncio.Queue[Outcome | EndOfStream], *,
     recognizer: Recognizer, model_pool: Executor, topics: Topics, metrics: Metrics, max_dead_letter_bytes: int,
 ) -> None:
-    """Stage 4: embed and match the good photos of a batch in one go."""
+    """Stage 4: embed and match the good photos of a batch in one go, against the catalogue
+    serving when the batch starts (a swap meanwhile takes effect from the next batch)."""
     loop = asyncio.get_running_loop()
     while not isinstance(ready := await inq.get(), EndOfStream):
+        serving = recognizer.serving
         photos = [d for d in ready.decoded if isinstance(d, DecodedPhoto)]
         matches: list[Match] = []
         embed_s = match_s = 0.0
         if photos:
             images = [p.pixels for p in photos]
-            matches, embed_s, match_s = await loop.run_in_executor(model_pool, recognizer, images)
+            matches, embed_s, match_s = await loop.run_in_executor(model_pool, recognizer, images, serving)
             metrics.stage.labels("embed").observe(embed_s)
             metrics.stage.labels("match").observe(match_s)
         metrics.batch_size.observe(len(ready.received))
@@ -268,7 +302,7 @@ async def process(
             if isinstance(d, DecodedPhoto):
                 metrics.stage.labels("decode").observe(d.decode_s)
         await outq.put(build_outcome(
-            ready, matches, recognizer=recognizer, topics=topics, embed_s=embed_s, match_s=match_s,
+            ready, matches, serving=serving, topics=topics, embed_s=embed_s, match_s=match_s,
             max_dead_letter_bytes=max_dead_letter_bytes,
         ))
     await outq.put(END)

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
 
     # Matching
     catalog: Path = Field(Path("catalog.safetensors"), description="catalogue file built by `shelfmatch catalog build`")
+    catalog_poll_s: float = Field(
+        10.0, ge=0.0, le=3600.0,
+        description="seconds between checks of the catalogue file for a new version, swapped in without a "
+        "restart (0: read once at start)",
+    )
     weights: str | None = Field(
         None,
         description="weights source override (imagenet | none | PATH); must reproduce the catalogue's fingerprint",

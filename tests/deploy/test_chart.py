@@ -297,6 +297,7 @@ def test_settings_values_reach_the_service():
     env = config_env(render("settings-values.yaml"))
     assert env["SHELFMATCH_THRESHOLD"] == "0.7" and env["SHELFMATCH_MIN_MARGIN"] == "0.02"
     assert env["SHELFMATCH_CATALOG"] == "/catalog/grocery-v7.safetensors"
+    assert env["SHELFMATCH_CATALOG_POLL_S"] == "30"
     assert env["SHELFMATCH_SHUTDOWN_TIMEOUT_S"] == "45" and env["SHELFMATCH_ALLOWED_FORMATS"] == "JPEG,PNG"
 
 

@@ -33,6 +33,7 @@ CACHE = Path(".cache") / "features"
 # Views per reference photo for training the head. 0: extra views gained too little to be worth
 # their embedding time by default (docs/quality-experiments.md).
 AUGMENT_VIEWS = 0
+DEVICE_HELP = "where the network runs: auto (a GPU when present) | cpu | cuda"
 
 
 def _catalog_build(args: argparse.Namespace) -> int:
@@ -342,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     build = cat.add_parser("build", help="embed reference images into a catalogue file")
     build.add_argument("--images", help="folder of references: DIR/<sku>/<image> (base folder for --manifest)")
     build.add_argument("--manifest", help="CSV with columns path,sku")
-    build.add_argument("--model", required=True, choices=BACKBONES)
+    build.add_argument("--model", required=True, choices=BACKBONES, help="backbone network that embeds the photos")
     build.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a checkpoint")
     build.add_argument(
         "--input-size",
@@ -352,8 +353,8 @@ def parser() -> argparse.ArgumentParser:
         "(PIXELS/224)^2 more compute per photo, in the catalogue and in the consumer",
     )
     build.add_argument("--out", required=True, help="catalogue file to write (.safetensors)")
-    build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    build.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     build.set_defaults(func=_catalog_build)
     head = cat.add_parser("train-head", help="train a projection head on the catalogue's reference photos")
     head.add_argument("--catalog", required=True, help="catalogue file whose reference photos train the head")
@@ -370,30 +371,31 @@ def parser() -> argparse.ArgumentParser:
         help="random views (crop, flip, colour) of each reference added to the head's training "
         "photos; they train the head only, the catalogue keeps the references (0: none)",
     )
-    head.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    head.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     head.set_defaults(func=_catalog_train_head)
     cal = cat.add_parser("calibrate", help="choose threshold and min margin for a target precision on labelled photos")
-    cal.add_argument("--catalog", required=True)
+    cal.add_argument("--catalog", required=True, help="catalogue file to calibrate")
     cal.add_argument("--queries", help="labelled photos: DIR/<sku>/<image> (base folder for --queries-manifest)")
     cal.add_argument("--queries-manifest", help="CSV with columns path,sku")
-    cal.add_argument("--target-precision", type=float, default=0.95)
+    cal.add_argument("--target-precision", type=float, default=0.95,
+                     help="least share of right 'match' verdicts on the photos (default 0.95)")
     cal.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
-    cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     cal.set_defaults(func=_catalog_calibrate)
     add = cat.add_parser("add", help="add references (new SKUs or more images) to a catalogue: only they are "
                          "embedded, with the catalogue's own model")
-    add.add_argument("--catalog", required=True)
+    add.add_argument("--catalog", required=True, help="catalogue file to add references to")
     add.add_argument("--images", help="new references: DIR/<sku>/<image> (base folder for --manifest)")
     add.add_argument("--manifest", help="CSV with columns path,sku")
     add.add_argument("--out", help="catalogue file to write (default: replace --catalog, atomically; a running "
                      "service swaps it in)")
     add.add_argument("--weights", help="weights source if not the catalogue's (imagenet | none | PATH); must "
                      "reproduce its fingerprint")
-    add.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add.add_argument("--batch-size", type=int, default=32)
+    add.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    add.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     add.set_defaults(func=_catalog_add)
     rm = cat.add_parser("remove", help="remove SKUs or single references from a catalogue (nothing is embedded)")
-    rm.add_argument("--catalog", required=True)
+    rm.add_argument("--catalog", required=True, help="catalogue file to remove products or references from")
     rm.add_argument("--sku", action="append", help="a SKU to remove with all its references (repeatable)")
     rm.add_argument("--reference", action="append", metavar="PATH",
                     help="one reference image to remove, its path as the catalogue records it (repeatable)")
@@ -419,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--thresholds", help="comma-separated (default 0.85,0.90,0.95,0.99)")
     ev.add_argument("--target-precision", type=float, help="also report a 2-fold cross-validated operating point")
     ev.add_argument("--out", help="folder for report.json and PNG plots")
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
 
     topics = sub.add_parser("topics", help="create the input, output and dead-letter topics").add_subparsers(

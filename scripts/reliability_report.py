@@ -45,6 +45,8 @@ GUARANTEE = {
     "ACLs: no READ on the input topic": "exit 1 at start with one line naming the ACL (no silent idling)",
     "unreadable batch (a codec missing here), dead-letter mode":
         "one unreadable-batch dead letter naming the range; every readable photo of every partition matched",
+    "catalogue replaced under a stream (corrupt, other model, removed, rename, symlink flip)":
+        "nothing lost, no restart or rebalance; bad files leave the old catalogue serving, good ones swap in",
     "unreadable batch (a codec missing here), stop mode":
         "the photos before the range committed, then exit 1 with one line naming it; no traceback",
 }
@@ -94,7 +96,9 @@ def main() -> int:
         "Dockerfile (`tests/deploy`). Codec and odd-record rows: `tests/fault/test_inputs.py` (the Java producer is "
         "`tests/java/Produce.java`); ACL rows: `tests/fault/test_acls.py`, on a broker with KRaft's StandardAuthorizer "
         "(`scripts/kafka-local start --sasl ... --acls`), each user granted exactly the README's ACLs, "
-        "or those less one.",
+        "or those less one. Unreadable-batch rows: `tests/fault/test_unreadable.py` (a gzip batch that the service "
+        "process is made unable to decode, as if its codec library were missing). Catalogue row: "
+        "`tests/fault/test_catalog_swap.py`.",
         "",
     ]
     DOC.parent.mkdir(exist_ok=True)

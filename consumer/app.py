@@ -366,8 +366,12 @@ async def check_kafka(settings: Settings) -> None:
     try:
         await check_input_readable(settings, kafka_security(settings))
     except KafkaConnectionError as exc:
+        # aiokafka's bootstrap logs each broker's own error (refused, TLS, SASL) and raises only this.
         raise ConfigurationError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} (SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS): {exc}"
+            f"cannot connect to Kafka at {settings.kafka_bootstrap_servers} (SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS; "
+            f"security {settings.security_protocol}): {exc}. If the address is right, check "
+            "SHELFMATCH_SECURITY_PROTOCOL, the SASL user and password and SHELFMATCH_SSL_CAFILE "
+            "(the broker's answer is logged above)"
         ) from exc
 
 

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from aiokafka import TopicPartition
 from aiokafka.errors import (
+    KafkaError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     RecordTooLargeError,
@@ -143,9 +144,9 @@ class Retry:
     """Attempts at delivering one batch: what a failed attempt calls for, shared by both sinks.
 
     After a failure, dead letters refused as too large are replaced by their value-less copies
-    (the retry differs, so it goes at once); a producer whose idempotence state broke is renewed;
-    anything else waits a back-off first. Each failure drops readiness and counts a publish retry,
-    until :meth:`succeeded`.
+    (the retry differs, so it goes at once); anything else waits a back-off first; then a producer
+    whose idempotence state broke is renewed (waiting for the brokers if they are still away).
+    Each failure drops readiness and counts a publish retry, until :meth:`succeeded`.
     """
 
     def __init__(self, health: Health, metrics: Metrics) -> None:
@@ -170,18 +171,25 @@ class Retry:
         member's to deliver; then so does this."""
         errors = list(errors)
         shrunk = shrink_refused(records, failures)
-        if any(isinstance(e, RENEW_PRODUCER_ERRORS) for e in errors) and not await renew():
-            return False
         if not shrunk:
-            delay = BACKOFF_S[min(self.attempts, len(BACKOFF_S) - 1)]
             first = errors[0] if errors else None
             topic = records[min(failures)].topic if failures else None
             if first is not None and (hint := missing_acl(first, writing=True, topic=topic)) is not None:
                 log.error(hint)
-            self.degraded(f"{what} ({type(first).__name__}: {first}); retrying in {delay:.1f}s")
-            self.attempts += 1
-            await asyncio.sleep(delay)
+            await self.back_off(f"{what} ({type(first).__name__}: {first})")
+        if any(isinstance(e, RENEW_PRODUCER_ERRORS) for e in errors):
+            while True:  # a new producer needs the brokers: after an outage, wait for them
+                try:
+                    return await renew()
+                except KafkaError as exc:
+                    await self.back_off(f"replacing the producer failed ({type(exc).__name__}: {exc})")
         return True
+
+    async def back_off(self, why: str) -> None:
+        delay = BACKOFF_S[min(self.attempts, len(BACKOFF_S) - 1)]
+        self.degraded(f"{why}; retrying in {delay:.1f}s")
+        self.attempts += 1
+        await asyncio.sleep(delay)
 
     def succeeded(self) -> None:
         if self.attempts or not self._health.publishing:

@@ -8,7 +8,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 STAGES = ("decode", "batch_wait", "embed", "match", "publish", "commit")
 # What a changed catalogue file led to (consumer/watcher.py). Only `swapped` changes the catalogue.
-SWAP_RESULTS = ("swapped", "unchanged", "invalid", "missing", "other_model", "no_memory", "failed")
+# Every result of consumer.watcher.SwapResult, exported at 0 so that the first of each is an increase.
+SWAP_RESULTS = ("swapped", "unchanged", "invalid", "missing", "other_model", "uncalibrated", "no_memory", "failed")
 
 
 class Metrics:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from catalog.errors import ImageRejected
 from catalog.preprocess import DecodeLimits, PlainJpeg, RejectReason, decode, decode_unless_plain_jpeg, to_tensor
@@ -201,6 +201,18 @@ async def fetch(
     is slow.
     """
     loop = asyncio.get_running_loop()
+    handed: dict[TopicPartition, int] = {}  # per partition, the offset after the last record passed on
+
+    def hand_on(record: ConsumerRecord, decoded: Decoded | None = None) -> None:
+        """Put a record on ``out`` with its decode started (or already known)."""
+        if decoded is None:
+            future = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
+        else:
+            future = _done(decoded)
+        in_flight.add(1)
+        handed[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        out.put_nowait(Received(record=record, arrived=time.monotonic(), decoded=future))
+
     while not stop.is_set():
         if not await out.wait_for_room(poll_every_s):
             await _poll_paused(consumer)
@@ -213,26 +225,25 @@ async def fetch(
         except UNREADABLE_ERRORS as exc:
             if unreadable is None:
                 raise
-            drained = await in_flight.wait_idle(poll_every_s)
-            found = await unreadable.step_over(consumer, exc, drained=drained, max_records=min(max_records, free))
+            # Everything fetched before goes through first; meanwhile the member stays in its group
+            # with every partition paused (a paused poll returns nothing, so it cannot raise this).
+            while not await in_flight.wait_idle(poll_every_s):
+                await _poll_paused(consumer)
+            found = await unreadable.step_over(consumer, exc, handed=handed, max_records=min(max_records, free),
+                                               budget_s=poll_every_s / 2)
             if found is None:
                 continue
             for record in found.before:  # fewer than the poll asked for: there is room
-                in_flight.add(1)
-                decoding = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
-                out.put_nowait(Received(record=record, arrived=time.monotonic(), decoded=decoding))
+                hand_on(record)
             if (error := unreadable.stop_error(found)) is not None:
-                await in_flight.wait_idle(poll_every_s)
+                while not await in_flight.wait_idle(poll_every_s):
+                    await _poll_paused(consumer)
                 raise error from exc
-            poison = Poison(reason=REASON, error=found.error, first_offset=found.first)
-            in_flight.add(1)
-            out.put_nowait(Received(record=found.record(), arrived=time.monotonic(), decoded=_done(poison)))
+            hand_on(found.record(), Poison(reason=REASON, error=found.error, first_offset=found.first))
             continue
         for tp, records in fetched.items():
             for record in records:
-                future = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
-                in_flight.add(1)
-                out.put_nowait(Received(record=record, arrived=time.monotonic(), decoded=future))
+                hand_on(record)
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 lag = max(0, highwater - (records[-1].offset + 1))

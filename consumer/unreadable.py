@@ -32,6 +32,7 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
 
+from consumer.errors import ServiceError
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ REASON = "unreadable-batch"
 PROBE_TIMEOUT_MS = 2_000  # one fetch of the probing consumer
 
 
-class UnreadableBatchError(RuntimeError):
+class UnreadableBatchError(ServiceError):
     """A batch cannot be read and the service is set to stop on it (or could not skip it)."""
 
 
@@ -83,19 +84,25 @@ class UnreadableBatches:
         self._metrics = metrics
 
     async def step_over(
-        self, consumer: AIOKafkaConsumer, error: BaseException, *, drained: bool, max_records: int,
+        self, consumer: AIOKafkaConsumer, error: BaseException, *, handed: dict[TopicPartition, int],
+        max_records: int, budget_s: float,
     ) -> UnreadableRange | None:
-        """After ``getmany`` raised ``error``, and once every photo fetched before is committed
-        (``drained``), locate the unreadable range, put every partition back at its committed
-        offset and the range's partition after it. Returns the range, or None when it could not
-        be reproduced (the next poll tries again). Raises :class:`UnreadableBatchError` when
-        the photos fetched before could not be committed."""
-        if not drained:
-            raise UnreadableBatchError(f"a batch cannot be read ({error!r}) and the photos fetched before it "
-                                       "could not be committed; stopping so that a restart resumes from there")
+        """After ``getmany`` raised ``error``, and once every photo fetched before is committed,
+        locate the unreadable range, put every partition back where the pipeline left it and the
+        range's partition after it. ``handed`` is, per partition, the offset after the last record
+        the fetch stage passed on: the broker's committed offset can lag a transaction that just
+        committed, so it only counts where it is further (another member moved the partition on)
+        or where this member fetched nothing yet. Returns the range, or None when it could not be
+        reproduced or a rebalance came in between (the next poll tries again)."""
         assignment = consumer.assignment()
-        positions = {tp: await self._committed(consumer, tp) for tp in assignment}
-        found = await self._locate(positions, max_records, error)
+        positions = {}
+        for tp in assignment:
+            committed = await self._committed(consumer, tp)
+            positions[tp] = max(committed, handed.get(tp, committed))
+        found = await self._locate(positions, max_records, error, budget_s)
+        if consumer.assignment() != assignment:
+            log.warning("a rebalance came while locating an unreadable batch; polling again from the new assignment")
+            return None
         for tp, offset in positions.items():
             consumer.seek(tp, offset)
         if found is None:
@@ -123,7 +130,7 @@ class UnreadableBatches:
         return int((await consumer.beginning_offsets([tp]))[tp])  # auto_offset_reset=earliest
 
     async def _locate(
-        self, positions: dict[TopicPartition, int], max_records: int, error: BaseException,
+        self, positions: dict[TopicPartition, int], max_records: int, error: BaseException, budget_s: float,
     ) -> UnreadableRange | None:
         """Read each partition from its position, one record at a time, up to ``max_records``
         (the failed poll asked for no more): the first that raises holds the range's start; its
@@ -134,11 +141,15 @@ class UnreadableBatches:
         try:
             probe.assign(list(positions))
             ends = await probe.end_offsets(list(positions))
+            deadline = time.monotonic() + budget_s
             for tp, start in sorted(positions.items()):
-                first, before = await self._first_unreadable(probe, tp, start, ends[tp], max_records)
+                first, before = await self._first_unreadable(probe, tp, start, ends[tp], max_records, deadline)
                 if first is None:
                     continue
-                last, why = await self._last_unreadable(probe, tp, first, ends[tp])
+                # A long unreadable stretch is stepped over in pieces (one dead letter each), so
+                # that the member polls again in time and is never evicted from its group.
+                last, why = await self._last_unreadable(probe, tp, first, min(ends[tp], first + max_records),
+                                                        deadline)
                 return UnreadableRange(tp=tp, first=first, last=last, error=why or _why(error),
                                        before=tuple(before))
             return None
@@ -147,13 +158,14 @@ class UnreadableBatches:
 
     @staticmethod
     async def _first_unreadable(
-        probe: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int, max_records: int,
+        probe: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int, max_records: int, deadline: float,
     ) -> tuple[int | None, list[ConsumerRecord]]:
         """The first offset of ``tp`` from ``start`` that cannot be read within ``max_records``
-        records, and the records read before it."""
+        records, and the records read before it. ``end`` is the last stable offset (the probe
+        reads committed records only), so an empty fetch before it is a slow one: asked again."""
         probe.seek(tp, start)
         before: list[ConsumerRecord] = []
-        while len(before) <= max_records:
+        while len(before) < max_records and time.monotonic() < deadline:
             position = await probe.position(tp)
             if position >= end:
                 break
@@ -161,16 +173,18 @@ class UnreadableBatches:
                 got = await probe.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS, max_records=1)
             except UNREADABLE_ERRORS:
                 return position, before
-            if not got:
-                break  # nothing more to read now (e.g. an open transaction)
-            before.extend(got[tp])
+            before.extend(got.get(tp, []))
         return None, []
 
     @staticmethod
-    async def _last_unreadable(probe: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int) -> tuple[int, str]:
+    async def _last_unreadable(
+        probe: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int, deadline: float,
+    ) -> tuple[int, str]:
+        """The last offset before ``end`` of the unreadable stretch from ``first``, and why; the
+        stretch is cut short at ``end`` or at ``deadline`` (the next poll finds the rest)."""
         why = ""
         offset = first + 1
-        while offset < end:
+        while offset < end and time.monotonic() < deadline:
             probe.seek(tp, offset)
             try:
                 got = await probe.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS, max_records=1)
@@ -180,7 +194,7 @@ class UnreadableBatches:
                 continue
             records = got.get(tp, [])
             return (records[0].offset - 1 if records else offset - 1), why
-        return end - 1, why
+        return offset - 1, why  # every offset before ``offset`` was found unreadable
 
 
 def _why(exc: BaseException) -> str:

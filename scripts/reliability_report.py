@@ -43,8 +43,12 @@ GUARANTEE = {
     "ACLs: no WRITE on the output topic, exactly-once":
         "/readyz 503, nothing committed, the log names the ACL; no exit",
     "ACLs: no READ on the input topic": "exit 1 at start with one line naming the ACL (no silent idling)",
-    "unreadable batch (a codec missing here), dead-letter mode":
-        "one unreadable-batch dead letter naming the range; every readable photo of every partition matched",
+    **{
+        f"unreadable batch (a codec missing here), dead-letter mode, {mode}":
+            "one unreadable-batch dead letter naming the range; every readable photo of every partition matched"
+            + ("" if mode == "at-least-once" else ", none twice (read_committed)")
+        for mode in ("at-least-once", "exactly-once")
+    },
     "catalogue replaced under a stream (corrupt, other model, removed, rename, symlink flip)":
         "nothing lost, no restart or rebalance; bad files leave the old catalogue serving, good ones swap in",
     "unreadable batch (a codec missing here), stop mode":

@@ -60,23 +60,28 @@ async def produce_around_a_gzip_batch(bootstrap: str, topic: str) -> dict[int, l
     return readable
 
 
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 async def test_an_unreadable_batch_becomes_one_dead_letter_with_its_range_and_the_rest_flows(
-    broker, topics, service, without_gzip, reliability_log,
+    broker, topics, service, without_gzip, reliability_log, delivery,
 ):
     readable = await produce_around_a_gzip_batch(broker.bootstrap, topics.input)
     start = time.monotonic()
-    svc = service(**without_gzip)
+    svc = service(SHELFMATCH_DELIVERY=delivery, **without_gzip)
+    isolation = "read_committed" if delivery == "exactly-once" else "read_uncommitted"
     svc.wait_ready()
     expected = {f"{topics.input}/{p}/{o}" for p, offsets in readable.items() for o in offsets}
-    events = await read_until(broker.bootstrap, topics.output, lambda rs: len(rs) >= len(expected))
+    events = await read_until(broker.bootstrap, topics.output, lambda rs: len(rs) >= len(expected),
+                              isolation_level=isolation)
     ids = [json.loads(r.value)["event_id"] for r in events]
     reliability_log.append(Verdict(
-        "unreadable batch (a codec missing here), dead-letter mode", len(expected), len(expected - set(ids)),
-        len(ids) - len(set(ids)), time.monotonic() - start,
+        f"unreadable batch (a codec missing here), dead-letter mode, {delivery}", len(expected),
+        len(expected - set(ids)), len(ids) - len(set(ids)), time.monotonic() - start,
         notes={"unreadable_records": GZIP_PHOTOS, "dead_letters": "1 (offsets 3-6)", "exit": "still running"},
     ))
     assert set(ids) == expected  # none lost, on any partition
-    dead = await read_until(broker.bootstrap, topics.dlq, lambda rs: len(rs) >= 1)
+    if delivery == "exactly-once":
+        assert len(ids) == len(set(ids))  # and none twice
+    dead = await read_until(broker.bootstrap, topics.dlq, lambda rs: len(rs) >= 1, isolation_level=isolation)
     assert len(dead) == 1
     headers = {k: v.decode() for k, v in dead[0].headers}
     assert headers["dlq-reason"] == "unreadable-batch"

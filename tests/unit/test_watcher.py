@@ -164,3 +164,9 @@ async def test_an_uncalibrated_catalogue_is_refused_unless_a_threshold_is_set(se
     atomic_write(catalog_for(embedder, 4, seed=7, calibration=None), path)
     assert await watcher.check() is SwapResult.SWAPPED
     assert recognizer.matcher.threshold == 0.8
+
+
+def test_every_swap_result_is_exported_from_the_start():
+    from consumer.metrics import SWAP_RESULTS
+
+    assert set(SWAP_RESULTS) == {r.value for r in SwapResult}

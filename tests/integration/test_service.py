@@ -259,7 +259,7 @@ async def test_a_dead_letter_too_large_for_its_topic_goes_without_the_photo(brok
     assert len(await read_all(broker.bootstrap, topics.output, isolation_level=isolation)) == 6
 
 
-def test_a_catalogue_the_model_cannot_reproduce_is_refused(tmp_path):
+def test_a_catalogue_the_model_cannot_reproduce_is_refused(tmp_path, broker):
     import torch
 
     from catalog.models import load_backbone
@@ -282,7 +282,7 @@ def test_a_catalogue_the_model_cannot_reproduce_is_refused(tmp_path):
             "--weights",
             str(other),
             "--kafka-bootstrap-servers",
-            "127.0.0.1:1",
+            broker.bootstrap,
         ],
         capture_output=True,
         text=True,

@@ -37,14 +37,9 @@ DEVICE_HELP = "where the network runs: auto (a GPU when present) | cpu | cuda"
 
 
 def _catalog_build(args: argparse.Namespace) -> int:
-    from catalog.build import build_catalog, references_from_folder, references_from_manifest
+    from catalog.build import build_catalog
 
-    if args.manifest:
-        refs = references_from_manifest(Path(args.manifest), Path(args.images) if args.images else None)
-    elif args.images:
-        refs = references_from_folder(Path(args.images))
-    else:
-        raise CatalogError("give --images DIR (one folder per SKU) or --manifest CSV")
+    refs = _labelled(args.images, args.manifest, "images", manifest_flag="manifest")
     catalog = build_catalog(
         refs, model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size, cache=CACHE,
         input_size=args.input_size,
@@ -71,18 +66,12 @@ def _report_change(change: Change, out: str, took_s: float) -> None:
 def _catalog_add(args: argparse.Namespace) -> int:
     import time
 
-    from catalog.build import references_from_folder, references_from_manifest
     from catalog.store import Catalog
     from catalog.update import add_references, model_of
 
     started = time.perf_counter()
     catalog = Catalog.load(args.catalog)
-    if args.manifest:
-        refs = references_from_manifest(Path(args.manifest), Path(args.images) if args.images else None)
-    elif args.images:
-        refs = references_from_folder(Path(args.images))
-    else:
-        raise CatalogError("give --images DIR (one folder per SKU) or --manifest CSV")
+    refs = _labelled(args.images, args.manifest, "images", manifest_flag="manifest")
     change = add_references(catalog, refs, embedder=model_of(catalog, args.device, args.weights),
                             batch_size=args.batch_size)
     out = args.out or args.catalog
@@ -107,14 +96,18 @@ def _catalog_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labelled(folder: str | None, manifest: str | None, what: str) -> list[Reference]:
+def _labelled(
+    folder: str | None, manifest: str | None, what: str, manifest_flag: str | None = None,
+) -> list[Reference]:
+    """Labelled photos from ``--WHAT DIR`` (DIR/<sku>/<image>) or a CSV manifest (path,sku; relative
+    paths from DIR when given, else from the CSV's folder)."""
     from catalog.build import references_from_folder, references_from_manifest
 
     if manifest:
         return references_from_manifest(Path(manifest), Path(folder) if folder else None)
     if folder:
         return references_from_folder(Path(folder))
-    raise CatalogError(f"give --{what} DIR (one folder per SKU) or --{what}-manifest CSV")
+    raise CatalogError(f"give --{what} DIR (one folder per SKU) or --{manifest_flag or what + '-manifest'} CSV")
 
 
 def _model_for(catalog: Catalog, device: str) -> Embedder:

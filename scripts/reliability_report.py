@@ -86,7 +86,7 @@ def main() -> int:
         recovery = "" if r.get("recovery_s") is None else r["recovery_s"]
         lines.append(
             f"| {name} | {GUARANTEE.get(name, '')} | {'yes' if held else '**no**'} | {r['sent']:,} | "
-            f"{r['lost']} | {r['duplicated']} | {r['seconds']} | {recovery} | {details} |"
+            f"{r['lost']} | {r['duplicated']} | {round(float(r['seconds']), 1)} | {recovery} | {details} |"
         )
     lines += [
         "",

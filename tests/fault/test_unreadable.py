@@ -75,7 +75,7 @@ async def test_an_unreadable_batch_becomes_one_dead_letter_with_its_range_and_th
     ids = [json.loads(r.value)["event_id"] for r in events]
     reliability_log.append(Verdict(
         f"unreadable batch (a codec missing here), dead-letter mode, {delivery}", len(expected),
-        len(expected - set(ids)), len(ids) - len(set(ids)), time.monotonic() - start,
+        len(expected - set(ids)), len(ids) - len(set(ids)), round(time.monotonic() - start, 1),
         notes={"unreadable_records": GZIP_PHOTOS, "dead_letters": "1 (offsets 3-6)", "exit": "still running"},
     ))
     assert set(ids) == expected  # none lost, on any partition
@@ -122,7 +122,8 @@ async def test_stop_mode_commits_what_came_before_and_exits_with_one_line(
     before = {f"{topics.input}/0/{o}" for o in readable[0][:3]}
     published = {json.loads(r.value)["event_id"] for r in events}
     reliability_log.append(Verdict(
-        "unreadable batch (a codec missing here), stop mode", len(before), len(before - published), 0, seconds,
+        "unreadable batch (a codec missing here), stop mode", len(before), len(before - published), 0,
+        round(seconds, 1),
         notes={"exit": code, "committed_offset_partition_0": offsets[0], "range": "3-6"},
     ))
     assert before <= published

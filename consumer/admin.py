@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
-from consumer.app import kafka_security
+from consumer.app import RECORD_OVERHEAD_BYTES, kafka_security
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 
@@ -18,7 +18,7 @@ async def create_topics(
     topic as many, so that events stay in per-camera order at the same parallelism; the
     dead-letter topic one. Input and dead letters are kept ``retention_ms``; every topic accepts
     records as large as the service does (``max.message.bytes``)."""
-    max_bytes = str(settings.max_message_bytes + 1024 * 1024)
+    max_bytes = str(settings.max_message_bytes + RECORD_OVERHEAD_BYTES)  # as the service fetches and produces
     wanted = [
         (settings.input_topic, partitions, {"retention.ms": str(retention_ms), "max.message.bytes": max_bytes}),
         (settings.output_topic, partitions, {"max.message.bytes": max_bytes}),

@@ -46,7 +46,7 @@ CUSTOM_KINDS = {
 
 
 def test_every_feature_has_a_ci_values_file():
-    expected = {"gpu", "keda", "hpa", "monitoring", "sasl", "catalog-init", "settings"}
+    expected = {"gpu", "gpu-shared", "keda", "hpa", "monitoring", "sasl", "catalog-init", "settings"}
     assert {name.removesuffix("-values.yaml") for name in CI_VALUES} >= expected
 
 
@@ -197,6 +197,17 @@ def test_gpu_values_request_one_gpu_and_force_cuda():
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["runtimeClassName"] == "nvidia"
+
+
+def test_shared_gpu_values_ask_for_one_replica_of_the_shared_resource():
+    """Several pods per GPU go through the device plugin's sharing: each pod asks for one replica of
+    the renamed resource (the plugin refuses more than one), never a whole nvidia.com/gpu."""
+    docs = render("gpu-shared-values.yaml")
+    resources = service_container(pod_spec(docs))["resources"]
+    assert resources["limits"] == {**resources["limits"], "nvidia.com/gpu.shared": 1}
+    assert resources["requests"]["nvidia.com/gpu.shared"] == 1
+    assert "nvidia.com/gpu" not in resources["limits"] and "nvidia.com/gpu" not in resources["requests"]
+    assert config_env(docs)["SHELFMATCH_DEVICE"] == "cuda"
 
 
 def test_default_values_request_no_gpu_and_run_on_the_cpu():

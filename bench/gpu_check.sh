@@ -17,7 +17,7 @@ checks="${GPU_CHECKS:-tests,gpu,broker}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 wheels=$(compgen -G ".whl/*.whl"; compgen -G ".gpu-bundle/wheels/*.whl")
-if [[ -n "$wheels" ]]; then
+if [[ -n "$wheels" ]] && ! python3 -c "import aiokafka, pydantic_settings" 2>/dev/null; then
   # shellcheck disable=SC2086
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
   export PYTHONPATH="/tmp/site:$PYTHONPATH"

@@ -434,6 +434,10 @@ def test_keda_at_exactly_the_partition_count_is_allowed():
         (["catalog.source=initContainer"], "needs catalog.initContainer.image.repository"),
         (["settings.device=cuda"], "gpu.enabled is false"),
         (["catalog.source=s3"], "/catalog/source"),  # the values schema already refuses it
+        (["minReadySeconds=60"], "minReadySeconds (60) must be above 60 s"),
+        (["progressDeadlineSeconds=300"],
+         "progressDeadlineSeconds (300) must exceed the startup probe's budget (300 s)"),
+        (["podDisruptionBudget.unhealthyPodEvictionPolicy=Always"], "unhealthyPodEvictionPolicy"),
     ],
 )
 def test_unsafe_values_are_rejected_at_render_time(overrides, message):
@@ -488,7 +492,47 @@ def test_monitoring_objects_are_off_by_default_and_on_behind_flags():
 
 def test_pod_disruption_budget_never_blocks_a_drain_of_a_single_replica():
     pdb = one(render("default"), "PodDisruptionBudget")
-    assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    assert pdb["spec"] == {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                           "selector": pdb["spec"]["selector"]}
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_pod_disruption_budget_lets_a_drain_evict_pods_that_are_not_ready(configuration):
+    """During a broker outage every pod is NotReady; IfHealthyBudget would then block node drains."""
+    assert one(render(configuration), "PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def _deployment(*sets: str) -> dict:
+    result = template(*[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+    return one(tuple(d for d in yaml.safe_load_all(result.stdout) if d), "Deployment")
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_a_pod_counts_as_available_only_after_a_failed_publish_would_have_shown(configuration):
+    """minReadySeconds outlasts the publish timeout plus the readiness probe's failures."""
+    docs = render(configuration)
+    spec = one(docs, "Deployment")["spec"]
+    readiness = service_container(pod_spec(docs))["readinessProbe"]
+    publish_s = int(config_env(docs)["SHELFMATCH_PUBLISH_TIMEOUT_MS"]) / 1000
+    assert spec["minReadySeconds"] > publish_s + readiness["periodSeconds"] * readiness["failureThreshold"]
+
+
+def test_min_ready_seconds_follows_the_publish_timeout_and_the_readiness_probe():
+    assert _deployment()["spec"]["minReadySeconds"] == 30 + 3 * 10 + 10
+    assert _deployment("kafka.publishTimeoutMs=90500")["spec"]["minReadySeconds"] == 91 + 30 + 10
+    assert _deployment("probes.readiness.periodSeconds=5")["spec"]["minReadySeconds"] == 30 + 15 + 10
+    assert _deployment("minReadySeconds=120")["spec"]["minReadySeconds"] == 120
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_the_progress_deadline_outlasts_a_slow_but_healthy_start(configuration):
+    docs = render(configuration)
+    spec = one(docs, "Deployment")["spec"]
+    startup = service_container(pod_spec(docs))["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    # An image pull of several GB on a cold node comes on top of the startup probe's budget.
+    assert spec["progressDeadlineSeconds"] >= budget + spec["minReadySeconds"] + 600
 
 
 def test_no_templating_leftovers_in_the_manifests():

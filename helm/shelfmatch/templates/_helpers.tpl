@@ -118,6 +118,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Seconds from a pod's first failed publish to the kubelet marking it NotReady: the publish timeout,
+then failureThreshold failed readiness probes (no readiness probe: the publish timeout alone).
+*/}}
+{{- define "shelfmatch.notReadyAfterSeconds" -}}
+{{- $publish := divf (.Values.kafka.publishTimeoutMs | int) 1000 | ceil | int }}
+{{- $probe := 0 }}
+{{- with .Values.probes.readiness }}
+{{- $probe = mul (default 10 .periodSeconds | int) (default 3 .failureThreshold | int) }}
+{{- end }}
+{{- add $publish $probe }}
+{{- end }}
+
+{{/* minReadySeconds: the value, else notReadyAfterSeconds plus a 10 s margin. */}}
+{{- define "shelfmatch.minReadySeconds" -}}
+{{- if kindIs "invalid" .Values.minReadySeconds }}
+{{- add (include "shelfmatch.notReadyAfterSeconds" . | int) 10 }}
+{{- else }}
+{{- .Values.minReadySeconds | int }}
+{{- end }}
+{{- end }}
+
+{{/* Longest a healthy pod may take from start to Ready: the startup probe's budget (0 without one). */}}
+{{- define "shelfmatch.startupBudgetSeconds" -}}
+{{- with .Values.probes.startup }}
+{{- add (mul (default 10 .periodSeconds | int) (default 3 .failureThreshold | int)) (default 0 .initialDelaySeconds | int) }}
+{{- else }}0{{ end }}
+{{- end }}
+
+{{/*
 PromQL selector of this release's series, as the ServiceMonitor scrapes them (the job label is the
 Service name).
 */}}
@@ -198,6 +227,15 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if le ($v.terminationGracePeriodSeconds | int) ($v.settings.shutdownTimeoutS | int) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than settings.shutdownTimeoutS (%d), or pods are killed mid-drain" ($v.terminationGracePeriodSeconds | int) ($v.settings.shutdownTimeoutS | int)) }}
+{{- end }}
+{{- $notReady := include "shelfmatch.notReadyAfterSeconds" . | int }}
+{{- $minReady := include "shelfmatch.minReadySeconds" . | int }}
+{{- if le $minReady $notReady }}
+{{- fail (printf "minReadySeconds (%d) must be above %d s (kafka.publishTimeoutMs, then the readiness probe's periodSeconds x failureThreshold): a release that cannot publish would count as available and the rollout would move on" $minReady $notReady) }}
+{{- end }}
+{{- $startup := include "shelfmatch.startupBudgetSeconds" . | int }}
+{{- if le ($v.progressDeadlineSeconds | int) (add $startup $minReady) }}
+{{- fail (printf "progressDeadlineSeconds (%d) must exceed the startup probe's budget (%d s) plus minReadySeconds (%d s), or a healthy slow start is reported as a failed rollout" ($v.progressDeadlineSeconds | int) $startup $minReady) }}
 {{- end }}
 {{- if and (eq (include "shelfmatch.device" .) "cuda") (not $v.gpu.enabled) }}
 {{- fail "settings.device is cuda but gpu.enabled is false: the pod would get no GPU" }}

@@ -90,6 +90,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s/ca.crt" (include "shelfmatch.caDir" .) }}
 {{- end }}
 
+{{/* Where the client certificate and key for mutual TLS are mounted (SHELFMATCH_SSL_CERTFILE, _KEYFILE). */}}
+{{- define "shelfmatch.clientCertDir" -}}
+/etc/shelfmatch/kafka-client
+{{- end }}
+
+{{/* Broker ports the egress policy allows, as a JSON list: the values, else those of bootstrapServers. */}}
+{{- define "shelfmatch.brokerPorts" -}}
+{{- $ports := list }}
+{{- range .Values.networkPolicy.egress.brokerPorts }}{{ $ports = append $ports (int .) }}{{ end }}
+{{- if not $ports }}
+{{- range splitList "," .Values.kafka.bootstrapServers }}
+{{- $port := regexFind "[0-9]+$" (trim .) }}
+{{- if not $port }}
+{{- fail (printf "kafka.bootstrapServers entry %q has no port; list the broker ports in networkPolicy.egress.brokerPorts" (trim .)) }}
+{{- end }}
+{{- $ports = append $ports (int $port) }}
+{{- end }}
+{{- end }}
+{{- $ports | uniq | toJson }}
+{{- end }}
+
 {{/* true when the Kafka connection uses SASL / TLS. */}}
 {{- define "shelfmatch.sasl" -}}
 {{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}true{{ end }}
@@ -154,6 +175,19 @@ Service name).
 namespace="{{ include "shelfmatch.namespace" . }}", job="{{ include "shelfmatch.fullname" . }}"
 {{- end }}
 
+{{/*
+PromQL selector of this release's pods in kube-state-metrics series (their job is kube-state-metrics):
+the namespace, and the Deployment's pod names, <fullname>-<replicaset hash>-<pod hash>.
+*/}}
+{{- define "shelfmatch.podSeriesSelector" -}}
+namespace="{{ include "shelfmatch.namespace" . }}", pod=~"{{ include "shelfmatch.fullname" . }}-[a-z0-9]+-[a-z0-9]+"
+{{- end }}
+
+{{/* Name of the HorizontalPodAutoscaler that scales the Deployment (KEDA names its own keda-hpa-<ScaledObject>). */}}
+{{- define "shelfmatch.hpaName" -}}
+{{- if .Values.keda.enabled }}{{ printf "keda-hpa-%s" (include "shelfmatch.fullname" .) }}{{ else }}{{ include "shelfmatch.fullname" . }}{{ end }}
+{{- end }}
+
 {{/* runbook_url of an alert: the configured base URL and the alert's section anchor; empty if no base. */}}
 {{- define "shelfmatch.runbookUrl" -}}
 {{- $ctx := index . 0 }}{{ $anchor := index . 1 }}
@@ -216,6 +250,12 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if and $v.kafka.tls.caSecret (not (include "shelfmatch.tls" .)) }}
 {{- fail (printf "kafka.tls.caSecret is set but kafka.securityProtocol is %s; the CA is only used with SSL or SASL_SSL" $v.kafka.securityProtocol) }}
+{{- end }}
+{{- if and $v.kafka.tls.clientCertSecret (not (include "shelfmatch.tls" .)) }}
+{{- fail (printf "kafka.tls.clientCertSecret is set but kafka.securityProtocol is %s; a client certificate is only sent over SSL or SASL_SSL" $v.kafka.securityProtocol) }}
+{{- end }}
+{{- if and $v.networkPolicy.enabled $v.networkPolicy.egress.enabled (not (or $v.networkPolicy.egress.brokerCIDRs $v.networkPolicy.egress.brokerPeers)) }}
+{{- fail "networkPolicy.egress.enabled needs networkPolicy.egress.brokerCIDRs or brokerPeers: without them the pods could reach no broker" }}
 {{- end }}
 {{- if not (has $v.catalog.source (list "pvc" "initContainer")) }}
 {{- fail (printf "catalog.source must be pvc or initContainer, got %q" $v.catalog.source) }}

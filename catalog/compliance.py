@@ -10,12 +10,12 @@ score of the reserved :data:`~catalog.planogram.EMPTY_SKU` entry when the catalo
 
 1. ``empty`` when ``empty - best >= empty_margin``: the crop looks more like empty shelf than any
    product (a gap: out of stock);
-2. ``ok`` when ``score(e) >= min_score`` and ``lead(e) >= min_lead``, where ``lead(e)`` is the
+2. ``unknown`` when ``best < unknown_below``: nothing in the catalogue looks like the crop (an
+   occlusion, a product the catalogue lacks), so it can be called neither right nor wrong;
+3. ``ok`` when ``score(e) >= min_score`` and ``lead(e) >= min_lead``, where ``lead(e)`` is the
    expected product's score minus the best *other* product's: a verification ("is this the product
    that belongs here?"), easier than identifying the photo among all products, since the expected
    product may trail a look-alike by a little (``min_lead < 0``) and still be accepted;
-3. ``unknown`` when ``best < unknown_below``: nothing in the catalogue looks like the crop (an
-   occlusion, a product the catalogue lacks), so it cannot be called a wrong product;
 4. ``wrong-product`` otherwise.
 
 A facing whose expected SKU is not in the catalogue (it was removed since the planogram was
@@ -123,12 +123,10 @@ def statuses(fs: FacingScores, calibration: ComplianceCalibration) -> list[Facin
     for i in range(len(fs.best)):
         if fs.empty_lead[i] >= calibration.empty_margin:
             out.append(FacingStatus.EMPTY)
-        elif not fs.known[i]:
+        elif not fs.known[i] or fs.best[i] < calibration.unknown_below:
             out.append(FacingStatus.UNKNOWN)
         elif fs.expected_score[i] >= calibration.min_score and fs.lead[i] >= calibration.min_lead:
             out.append(FacingStatus.OK)
-        elif fs.best[i] < calibration.unknown_below:
-            out.append(FacingStatus.UNKNOWN)
         else:
             out.append(FacingStatus.WRONG_PRODUCT)
     return out
@@ -192,22 +190,23 @@ TARGETS = {"wrong_precision": 0.95, "wrong_recall": 0.90, "empty_precision": 0.9
 
 def _sweep(values: np.ndarray, positive: np.ndarray, target_precision: float) -> tuple[float, float, float] | None:
     """Flag ``values >= t``: the ``t`` with the highest recall whose precision reaches the target, as
-    (t, precision, recall). ``t`` lies halfway between the last flagged value and the next one, so
-    the choice keeps the widest gap the data allows; None when no ``t`` reaches the target."""
+    (t, precision, recall); among equal recalls the highest ``t`` (the best precision), so that no
+    negative is flagged that does not buy a positive. ``t`` lies halfway between the last flagged
+    value and the next one: the widest gap the data allows. None when no ``t`` reaches the target."""
     if not positive.any():
         return None
     order = np.argsort(-values, kind="stable")
     vals, pos = values[order], positive[order]
     hits = np.cumsum(pos)
     precision = hits / np.arange(1, len(vals) + 1)
-    for i in range(len(vals) - 1, -1, -1):
-        if i + 1 < len(vals) and vals[i + 1] == vals[i]:
-            continue  # a threshold flags every tie at once
-        if precision[i] >= target_precision:
-            nxt = vals[i + 1] if i + 1 < len(vals) else vals[i] - 1.0
-            t = float(vals[i]) if not np.isfinite(nxt) else float((vals[i] + nxt) / 2)
-            return t, float(precision[i]), float(hits[i] / pos.sum())
-    return None
+    group_end = np.append(vals[1:] != vals[:-1], True)  # a threshold flags every tie at once
+    valid = group_end & (precision >= target_precision)
+    if not valid.any():
+        return None
+    i = int(np.flatnonzero(valid & (hits == hits[valid].max()))[0])
+    nxt = vals[i + 1] if i + 1 < len(vals) else vals[i] - 1.0
+    t = float(vals[i]) if not np.isfinite(nxt) else float((vals[i] + nxt) / 2)
+    return t, float(precision[i]), float(hits[i] / pos.sum())
 
 
 def calibrate_compliance(

@@ -41,6 +41,7 @@ from catalog.compliance import (
     statuses,
 )
 from catalog.embedder import Embedder
+from catalog.errors import CatalogError
 from catalog.grocery import grocery_sets
 from catalog.matcher import Matcher
 from catalog.planogram import EMPTY_SKU, FrameSize, Planogram, Region, Slot, rectify
@@ -321,8 +322,11 @@ def calibrate_on_frames(
             raise ValueError(f"the catalogue has no {EMPTY_SKU} entry: give a folder for its references")
         catalog = with_empty_entry(catalog, embedder, empty_folder)
     labelled = labelled_facings(compose_frames(photos, frames, seed=seed), catalog, embedder)
-    point = calibrate_compliance(labelled.scores, catalog.skus, labelled.expected, labelled.truth,
-                                 target_precision=target_precision)
+    try:
+        point = calibrate_compliance(labelled.scores, catalog.skus, labelled.expected, labelled.truth,
+                                     target_precision=target_precision)
+    except ValueError as exc:
+        raise CatalogError(f"{exc} ({len(labelled.truth)} facings of {frames} frames; try more frames)") from exc
     return replace(catalog, compliance=point), labelled
 
 

@@ -204,14 +204,16 @@ def _eval_compliance(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from catalog.compliance import format_quality
-    from catalog.shelf import evaluate_on_frames, val_photos
+    from catalog.render import render_compliance
+    from catalog.shelf import evaluate_on_frames, evaluation_sample, judge_frame, val_photos
     from catalog.store import Catalog
 
     if not args.catalog or len(args.catalog) != 1:
         raise CatalogError("--compliance evaluates one catalogue: give --catalog FILE once")
     catalog = Catalog.load(args.catalog[0])
-    result = evaluate_on_frames(catalog, _model_for(catalog, args.device),
-                                val_photos(Path(args.dataset), catalog.skus), frames=args.frames,
+    embedder = _model_for(catalog, args.device)
+    photos = val_photos(Path(args.dataset), catalog.skus)
+    result = evaluate_on_frames(catalog, embedder, photos, frames=args.frames,
                                 target_precision=args.target_precision or 0.95)
     print(f"{result.frames} composed frames from the val photos, {result.facings} facings")
     stored = "the catalogue's operating point" if catalog.compliance else "no stored operating point: the default rule"
@@ -219,13 +221,20 @@ def _eval_compliance(args: argparse.Namespace) -> int:
     print(format_quality("default rule (expected product best, empty entry best)", result.default_rule))
     for i, fold in enumerate(result.cross_validated):
         print(format_quality(f"2-fold by photo, fold {i} (calibrated on the other half's frames)", fold))
+    for i, (precision, recall) in enumerate(result.empty_by_threshold):
+        shown = "n/a" if precision is None or recall is None else f"{100 * precision:.1f}% / {100 * recall:.1f}%"
+        print(f"empty by a threshold on the best product's score alone (no empty entry), fold {i}: "
+              f"precision / recall {shown}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report = {"catalog_version": catalog.version, "compliance": asdict(catalog.compliance) if catalog.compliance
                   else None, **asdict(result)}
         (out / "compliance.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out / 'compliance.json'}")
+        frame = evaluation_sample(photos)
+        verdicts = judge_frame(frame.image, frame.planogram, catalog, embedder)
+        render_compliance(frame.image, frame.planogram, verdicts).save(out / "compliance-frame.png")
+        print(f"wrote {out / 'compliance.json'} and {out / 'compliance-frame.png'} (one evaluation frame)")
     return 0
 
 

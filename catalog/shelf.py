@@ -328,13 +328,14 @@ def photo_halves(photos: Mapping[str, Sequence[Path]]) -> tuple[dict[str, list[P
 def calibrate_on_frames(
     catalog: Catalog, embedder: Embedder, photos: Mapping[str, Sequence[Path]], *, frames: int,
     seed: int = CALIBRATION_SEED, target_precision: float = 0.95, empty_folder: Path | None = None,
+    empty_references: int = 60,
 ) -> tuple[Catalog, LabelledFacings]:
     """``catalog`` with its compliance operating point chosen on ``frames`` composed frames (and the
     empty entry added first, its references under ``empty_folder``, when it has none)."""
     if EMPTY_SKU not in catalog.skus:
         if empty_folder is None:
             raise ValueError(f"the catalogue has no {EMPTY_SKU} entry: give a folder for its references")
-        catalog = with_empty_entry(catalog, embedder, empty_folder)
+        catalog = with_empty_entry(catalog, embedder, empty_folder, count=empty_references)
     labelled = labelled_facings(compose_frames(photos, frames, seed=seed), catalog, embedder)
     try:
         point = calibrate_compliance(labelled.scores, catalog.skus, labelled.expected, labelled.truth,

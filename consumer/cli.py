@@ -151,7 +151,8 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
                       scale=args.scale, weight_decay=args.weight_decay)
     trained = catalog_from_vectors(refs, project(head, features), backbone.with_head(head), catalog.weights_source)
     trained.save(args.out)
-    cleared = " (its calibration no longer applies: calibrate this one again)" if catalog.calibration else ""
+    cleared = (" (its calibration no longer applies: calibrate this one again)"
+               if catalog.calibration or catalog.compliance else "")
     print(f"wrote {args.out}{cleared}")
     print(trained.summary())
     return 0

@@ -151,7 +151,8 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
                       scale=args.scale, weight_decay=args.weight_decay)
     trained = catalog_from_vectors(refs, project(head, features), backbone.with_head(head), catalog.weights_source)
     trained.save(args.out)
-    cleared = " (its calibration no longer applies: calibrate this one again)" if catalog.calibration else ""
+    cleared = (" (its calibration no longer applies: calibrate this one again)"
+               if catalog.calibration or catalog.compliance else "")
     print(f"wrote {args.out}{cleared}")
     print(trained.summary())
     return 0
@@ -182,7 +183,80 @@ def _catalog_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shelf_photos(args: argparse.Namespace, skus: Sequence[str]) -> dict[str, list[Path]]:
+    """The photos frames are composed from: --photos DIR/<sku>/<image>, else the dataset's val split."""
+    from catalog.build import references_from_folder
+    from catalog.shelf import val_photos
+
+    if not args.photos:
+        return val_photos(Path(args.dataset), skus)
+    photos: dict[str, list[Path]] = {}
+    for ref in references_from_folder(Path(args.photos)):
+        if ref.sku in skus:
+            photos.setdefault(ref.sku, []).append(ref.path)
+    return photos
+
+
+def _catalog_calibrate_compliance(args: argparse.Namespace) -> int:
+    from catalog.shelf import calibrate_on_frames
+    from catalog.store import Catalog
+
+    catalog = Catalog.load(args.catalog)
+    out = Path(args.out or args.catalog)
+    calibrated, labelled = calibrate_on_frames(
+        catalog, _model_for(catalog, args.device), _shelf_photos(args, catalog.skus), frames=args.frames,
+        seed=args.seed, target_precision=args.target_precision, empty_folder=out.parent / f"{out.stem}.empty",
+        empty_references=args.empty_references,
+    )
+    calibrated.save(out)
+    c = calibrated.compliance
+    assert c is not None
+    print(f"min lead {c.min_lead:.4f}, min score {c.min_score:.4f}, empty margin {c.empty_margin:.4f} on "
+          f"{len(labelled.truth)} facings of {args.frames} composed frames; written to {out}")
+    return 0
+
+
+def _eval_compliance(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from catalog.compliance import format_quality
+    from catalog.render import render_compliance
+    from catalog.shelf import evaluate_on_frames, evaluation_sample, judge_frame
+    from catalog.store import Catalog
+
+    if not args.catalog or len(args.catalog) != 1:
+        raise CatalogError("--compliance evaluates one catalogue: give --catalog FILE once")
+    catalog = Catalog.load(args.catalog[0])
+    embedder = _model_for(catalog, args.device)
+    photos = _shelf_photos(args, catalog.skus)
+    result = evaluate_on_frames(catalog, embedder, photos, frames=args.frames,
+                                target_precision=args.target_precision or 0.95)
+    print(f"{result.frames} composed frames from the val photos, {result.facings} facings")
+    stored = "the catalogue's operating point" if catalog.compliance else "no stored operating point: the default rule"
+    print(format_quality(stored, result.stored))
+    print(format_quality("default rule (expected product best, empty entry best)", result.default_rule))
+    for i, fold in enumerate(result.cross_validated):
+        print(format_quality(f"2-fold by photo, fold {i} (calibrated on the other half's frames)", fold))
+    for i, (precision, recall) in enumerate(result.empty_by_threshold):
+        shown = "n/a" if precision is None or recall is None else f"{100 * precision:.1f}% / {100 * recall:.1f}%"
+        print(f"empty by a threshold on the best product's score alone (no empty entry), fold {i}: "
+              f"precision / recall {shown}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"catalog_version": catalog.version, "compliance": asdict(catalog.compliance) if catalog.compliance
+                  else None, **asdict(result)}
+        (out / "compliance.json").write_text(json.dumps(report, indent=2) + "\n")
+        frame = evaluation_sample(photos)
+        verdicts = judge_frame(frame.image, frame.planogram, catalog, embedder)
+        render_compliance(frame.image, frame.planogram, verdicts).save(out / "compliance-frame.png")
+        print(f"wrote {out / 'compliance.json'} and {out / 'compliance-frame.png'} (one evaluation frame)")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.compliance:
+        return _eval_compliance(args)
 
     from catalog.baselines import baseline_vectors
     from catalog.build import build_catalog, embed_images
@@ -324,6 +398,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
+def _default_dataset() -> Path:
+    from catalog.shelf import DEFAULT_DATASET
+
+    return DEFAULT_DATASET
+
+
 def parser() -> argparse.ArgumentParser:
     from catalog.models import BACKBONES
 
@@ -375,6 +455,21 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
     cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     cal.set_defaults(func=_catalog_calibrate)
+    cc = cat.add_parser("calibrate-compliance", help="choose the planogram verification's operating point "
+                        "(wrong-product, empty) on shelf frames composed from the val photos")
+    cc.add_argument("--catalog", required=True, help="catalogue file to calibrate (gains the __empty__ entry "
+                    "if it lacks one, from generated empty bays written beside --out)")
+    cc.add_argument("--dataset", default=str(_default_dataset()), help="the Grocery Store Dataset folder")
+    cc.add_argument("--photos", help="compose from DIR/<sku>/<image> instead of the dataset's val split")
+    cc.add_argument("--frames", type=int, default=40, help="composed frames, 24 facings each (default 40)")
+    cc.add_argument("--empty-references", type=int, default=60, metavar="N",
+                    help="generated empty-bay crops for the __empty__ entry, when it is added (default 60)")
+    cc.add_argument("--seed", type=int, default=1, help="seed of the composed frames (eval uses 2)")
+    cc.add_argument("--target-precision", type=float, default=0.95,
+                    help="least share of right 'wrong-product' calls (default 0.95)")
+    cc.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
+    cc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    cc.set_defaults(func=_catalog_calibrate_compliance)
     add = cat.add_parser("add", help="add references (new SKUs or more images) to a catalogue: only they are "
                          "embedded, with the catalogue's own model")
     add.add_argument("--catalog", required=True, help="catalogue file to add references to")
@@ -413,7 +508,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", help="also the research's baselines: histogram,phash")
     ev.add_argument("--thresholds", help="comma-separated (default 0.85,0.90,0.95,0.99)")
     ev.add_argument("--target-precision", type=float, help="also report a 2-fold cross-validated operating point")
-    ev.add_argument("--out", help="folder for report.json and PNG plots")
+    ev.add_argument("--out", help="folder for report.json and PNG plots (compliance.json with --compliance)")
+    ev.add_argument("--compliance", action="store_true",
+                    help="planogram compliance on shelf frames composed from the val photos (one --catalog)")
+    ev.add_argument("--dataset", default=str(_default_dataset()), help="for --compliance: the Grocery Store folder")
+    ev.add_argument("--frames", type=int, default=40, help="for --compliance: composed frames (default 40)")
+    ev.add_argument("--photos", help="for --compliance: compose from DIR/<sku>/<image>, not the val split")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
 

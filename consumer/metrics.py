@@ -85,6 +85,16 @@ class Metrics:
             ["topic"], registry=registry,
         )
         self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
+        self.pipeline_stalled = Gauge(
+            "shelfmatch_pipeline_stalled",
+            "1 while a batch's decoding or model call has run longer than SHELFMATCH_STALL_TIMEOUT_S "
+            "(/healthz fails then), else 0",
+            registry=registry,
+        )
+        self.assignments = Counter(
+            "shelfmatch_partition_assignments",
+            "Partition assignments this member received (one per rebalance it took part in)", registry=registry,
+        )
         self.device_decode_fallbacks = Counter(
             "shelfmatch_device_decode_fallbacks",
             "plain JPEGs the device decoder refused or could not resize, decoded by Pillow instead",

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
 
 from consumer.health import Health
 
@@ -47,7 +48,7 @@ class OutputProbe:
         answer in time (nothing is known then: the caller keeps what it knew)."""
         try:
             updated = await asyncio.wait_for(self._client.force_metadata_update(), self._timeout_s)
-        except TimeoutError:
+        except (TimeoutError, KafkaError):  # brokers away: publishing itself will say so
             return None
         if not updated:
             return None

@@ -77,7 +77,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.group_id,
         client_id=settings.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
         isolation_level="read_committed", session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=max(300, settings.session_timeout_ms // 3),
+        heartbeat_interval_ms=settings.heartbeat_interval,
         # aiokafka's default rebalance timeout is the session timeout, which equals the default
         # drain: a member still draining would be dropped from the group it is rejoining.
         rebalance_timeout_ms=settings.rebalance_timeout, group_instance_id=settings.group_instance_id,

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     output_topic: str = Field("shelf.matches", description="topic of JSON MatchEvents")
     dlq_topic: str = Field("shelf.photos.dlq", description="dead-letter topic for unusable photos")
     session_timeout_ms: int = Field(30_000, ge=1_000, description="consumer group session timeout")
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=100,
+        description="heartbeat interval of the group member (at most a third of the session timeout); a member "
+        "learns of a rebalance at its next heartbeat, so partitions given up wait this long for their new owner",
+    )
     rebalance_timeout_ms: int | None = Field(
         None, ge=1_000,
         description="how long the group waits for every member to rejoin in a rebalance; it must exceed the "
@@ -177,6 +182,11 @@ class Settings(BaseSettings):
         13-19% of their size at 8-32 events per record batch, for 2-4 µs of CPU per event; gzip
         compresses as well for 3-6 times the CPU, snappy and lz4 leave 18-29%."""
         return None if self.compression == "none" else self.compression
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """Milliseconds between heartbeats: the setting, capped at a third of the session timeout."""
+        return max(100, min(self.heartbeat_interval_ms, self.session_timeout_ms // 3))
 
     @property
     def rebalance_timeout(self) -> int:

@@ -182,6 +182,11 @@ def test_the_cpu_request_sets_the_default_decode_workers_and_an_explicit_value_w
     assert Settings(cpu_request_millicores=1000, decode_workers=3).decode_workers == 3
 
 
+def test_the_heartbeat_is_3_s_but_at_most_a_third_of_the_session():
+    assert Settings().heartbeat_interval == 3_000
+    assert Settings(session_timeout_ms=6_000).heartbeat_interval == 2_000
+
+
 def test_the_rebalance_timeout_exceeds_the_drain():
     assert Settings().rebalance_timeout == 60_000  # drain 30 s + 30 s
     assert Settings(shutdown_timeout_s=90).rebalance_timeout == 120_000

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Seconds, from a few ms (one photo's decode) to a minute (a backlog drained after an outage).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds, from a few ms (one photo's decode) to an hour: a backlog drained after an outage, as long
+# as the lag and no-events alerts let one build up. histogram_quantile never reads above the top bucket,
+# so every latency an alert names (prometheusRule.alerts.latencyP99) must lie below it.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 600.0, 1800.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 STAGES = ("decode", "batch_wait", "embed", "match", "publish", "commit")
 # What a changed catalogue file led to (consumer/watcher.py). Only `swapped` changes the catalogue.

@@ -37,9 +37,10 @@ from catalog.store import Catalog
 from consumer.acls import check_input_readable, missing_acl
 from consumer.delivery import PartitionOwner, Sink
 from consumer.errors import ConfigurationError
-from consumer.health import Health
+from consumer.health import Health, Watchdog
 from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Recognizer, Topics, run_pipeline
+from consumer.probe import OutputProbe
 from consumer.settings import Settings, available_cpus
 from consumer.sink import AtLeastOnceSink
 from consumer.source import InFlight
@@ -94,7 +95,10 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.group_id,
         client_id=settings.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
         isolation_level="read_committed", session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=max(300, settings.session_timeout_ms // 3),
+        heartbeat_interval_ms=settings.heartbeat_interval,
+        # aiokafka's default rebalance timeout is the session timeout, which equals the default
+        # drain: a member still draining would be dropped from the group it is rejoining.
+        rebalance_timeout_ms=settings.rebalance_timeout, group_instance_id=settings.group_instance_id,
         max_poll_interval_ms=settings.max_poll_interval_ms, metadata_max_age_ms=METADATA_MAX_AGE_MS,
         # A record larger than one partition's fetch is skipped by aiokafka with only a log
         # line; allow the largest photo we accept (plus headers) so it reaches the DLQ instead.
@@ -134,13 +138,13 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Re
     return Recognizer(embedder, matcher, catalog, JpegBatchDecoder(device) if on_device else None)
 
 
-def tune_torch(device: torch.device) -> None:
+def tune_torch(device: torch.device, cpus: int) -> None:
     """cuDNN's autotuner on a GPU (shapes are fixed: batch size, input size); on a CPU, no more
-    threads than the CPUs this process may use (torch counts the node's cores, not the
-    container's CPU quota, and more threads only throttle)."""
+    threads than ``cpus``, the CPUs this pod may use (torch counts the node's cores, not the
+    container's CPU quota or request, and more threads only throttle)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    elif torch.get_num_threads() > (cpus := available_cpus()):
+    elif torch.get_num_threads() > cpus:
         log.info("torch CPU threads: %d -> %d (the CPUs this process may use)", torch.get_num_threads(), cpus)
         torch.set_num_threads(cpus)
 
@@ -154,8 +158,9 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def start_http(settings: Settings, registry: CollectorRegistry, health: Health) -> WSGIServer:
-    """Serve /metrics, /healthz (event loop alive) and /readyz (consuming and publishing)."""
+def start_http(settings: Settings, registry: CollectorRegistry, health: Health, watchdog: Watchdog) -> WSGIServer:
+    """Serve /metrics, /healthz (event loop alive, decode and model stages not stalled) and
+    /readyz (joined, topics there, publishing: :class:`consumer.health.Health`)."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -163,7 +168,7 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health) 
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/healthz":
-            ok = time.monotonic() - health.last_tick < HEALTH_STALE_S
+            ok = time.monotonic() - health.last_tick < HEALTH_STALE_S and not watchdog.stalled()
         elif path == "/readyz":
             ok = health.ready
         else:
@@ -232,6 +237,8 @@ class Service:
     in_flight: InFlight
     http: WSGIServer
     watcher: CatalogWatcher
+    watchdog: Watchdog
+    probe: OutputProbe
 
     @classmethod
     async def build(cls, settings: Settings, registry: CollectorRegistry) -> Service:
@@ -244,7 +251,7 @@ class Service:
         seen = FileIdentity.of(settings.catalog)  # before loading: a file replaced meanwhile is seen as new
         catalog = Catalog.load(settings.catalog)
         device = resolve_device(settings.device)
-        tune_torch(device)
+        tune_torch(device, available_cpus(request_millicores=settings.cpu_request_millicores))
         recognizer = load_model(settings, catalog, device)
         metrics.catalog_serving(version=catalog.version, model=catalog.fingerprint.backbone,
                                 products=len(catalog.skus), references=len(catalog.row_sku),
@@ -273,16 +280,23 @@ class Service:
             settings.catalog, recognizer, pool=pools.catalog, metrics=metrics, poll_s=settings.catalog_poll_s,
             top_k=settings.top_k, threshold=settings.threshold, min_margin=settings.min_margin, seen=seen,
         )
-        http = start_http(settings, registry, health)
+        watchdog = Watchdog(settings.stall_timeout_s, metrics.pipeline_stalled)
+        probe = OutputProbe((settings.output_topic, settings.dlq_topic), dict(
+            bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
+            request_timeout_ms=settings.publish_timeout_ms, **kafka_security(settings),
+        ), timeout_s=settings.publish_timeout_ms / 1000)
+        health.set(output_found=False)  # until the probe has seen both topics
+        http = start_http(settings, registry, health, watchdog)
         return cls(settings=settings, metrics=metrics, health=health, device=device, recognizer=recognizer,
                    pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http,
-                   watcher=watcher)
+                   watcher=watcher, watchdog=watchdog, probe=probe)
 
-    async def run(self) -> int:
-        """Consume until SIGTERM/SIGINT, then drain; return the process exit code. A drain that
-        outlasts ``shutdown_timeout_s`` is cancelled (exit 1: its photos are re-read)."""
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Consume until SIGTERM/SIGINT (or ``stop`` is set), then drain; return the process exit
+        code. A drain that outlasts ``shutdown_timeout_s`` is cancelled (exit 1: its photos are
+        re-read); closing the Kafka clients afterwards is bounded by ``close_timeout_s``."""
         settings = self.settings
-        stop = asyncio.Event()
+        stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -290,7 +304,9 @@ class Service:
         try:
             await self.sink.start()
             await self.consumer.start()
-            listener = DrainOnRevoke(self.in_flight, settings.shutdown_timeout_s, self.metrics, self.owner)
+            await self.probe.start()
+            listener = DrainOnRevoke(self.in_flight, settings.shutdown_timeout_s, self.metrics, self.owner,
+                                     self.health)
             self.consumer.subscribe([settings.input_topic], listener=listener)
             self.health.set(consuming=True)
             log.info("consuming %s as group %s (%s)", settings.input_topic, settings.group_id, settings.delivery)
@@ -298,6 +314,7 @@ class Service:
                 ticker = tg.create_task(self._tick(), name="tick")
                 stopping = tg.create_task(stop.wait(), name="stop")
                 watching = tg.create_task(self.watcher.run(), name="catalog-watch") if settings.catalog_poll_s else None
+                probing = tg.create_task(self.probe.run(self.health), name="output-probe")
                 pipeline = tg.create_task(run_pipeline(
                     self.consumer, self.sink, recognizer=self.recognizer,
                     topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
@@ -310,6 +327,7 @@ class Service:
                     in_flight=self.in_flight, metrics=self.metrics, stop=stop,
                     poll_every_s=settings.max_poll_interval_ms / 3000,
                     unreadable=UnreadableBatches(settings.on_unreadable_batch, consumer_config(settings), self.metrics),
+                    watchdog=self.watchdog,
                 ), name="pipeline")
                 await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not pipeline.done():
@@ -322,6 +340,7 @@ class Service:
                         code = 1
                 ticker.cancel()
                 stopping.cancel()
+                probing.cancel()
                 if watching is not None:
                     watching.cancel()
         except* UnreadableBatchError as failed:  # says all there is to say in one line
@@ -336,23 +355,45 @@ class Service:
             code = 1
         finally:
             self.health.set(consuming=False)
-            await self.consumer.stop()
-            await self.sink.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._close_clients()
         log.info("stopped (exit %d)", code)
         return code
+
+    async def _close_clients(self) -> None:
+        """Stop the consumer (leaving the group, unless static membership keeps its place), the
+        sink's producers and the probe, each within ``close_timeout_s``: a broker gone away must
+        not hold the pod past its grace period, and nothing is left to commit by now."""
+        for name, closing in (("consumer", self.consumer.stop), ("producer", self.sink.stop),
+                              ("probe", self.probe.stop)):
+            try:
+                await asyncio.wait_for(closing(), self.settings.close_timeout_s)
+            except TimeoutError:
+                log.warning("closing the Kafka %s took over %.0fs (SHELFMATCH_CLOSE_TIMEOUT_S); exiting without it",
+                            name, self.settings.close_timeout_s)
 
     def close(self) -> None:
         self.pools.shutdown()
         self.http.shutdown()
 
     async def _tick(self) -> None:
-        """Proves the event loop alive for /healthz; follows whether the input topic exists (not
+        """Proves the event loop alive for /healthz (and logs a stall of the decode or model stage
+        once); follows whether the input topic exists (not
         ready while it does not: a misspelt topic would otherwise look healthy); samples GPU
         memory for the dashboard."""
         topic = self.settings.input_topic
-        started, warned = time.monotonic(), False
+        started, warned, stalled = time.monotonic(), False, False
         while True:
             self.health.last_tick = time.monotonic()
+            stuck = self.watchdog.stuck()
+            if bool(stuck) != stalled:
+                stalled = bool(stuck)
+                if stuck:
+                    log.error("pipeline stalled: %s running for %.0fs (SHELFMATCH_STALL_TIMEOUT_S %.0fs); /healthz "
+                              "fails so that the pod is restarted", stuck[0][0], stuck[0][1], self.watchdog.bound_s)
+                else:
+                    log.info("pipeline progressing again")
             found = self.consumer.partitions_for_topic(topic) is not None
             if found and warned:
                 log.info("input topic %s found", topic)

@@ -192,7 +192,7 @@ class Retry:
         await asyncio.sleep(delay)
 
     def succeeded(self) -> None:
-        if self.attempts or not self._health.publishing:
+        if self.attempts or self._health.publishing is False:  # None: the first batch, nothing to recover
             log.info("publishing recovered")
         self._health.set(publishing=True)
 

@@ -88,12 +88,15 @@ class Metrics:
             ["topic"], registry=registry,
         )
         self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
-        # Set by the progress watchdog of issue 19 (branch issue-19a owns its logic); the alert
-        # ShelfmatchPipelineStalled reads it.
         self.pipeline_stalled = Gauge(
             "shelfmatch_pipeline_stalled",
-            "1 while work is queued for the decode or model stage and no batch completes within the bound",
+            "1 while a batch's decoding or model call has run longer than SHELFMATCH_STALL_TIMEOUT_S "
+            "(/healthz fails then), else 0",
             registry=registry,
+        )
+        self.assignments = Counter(
+            "shelfmatch_partition_assignments",
+            "Partition assignments this member received (one per rebalance it took part in)", registry=registry,
         )
         self.device_decode_fallbacks = Counter(
             "shelfmatch_device_decode_fallbacks",

@@ -60,6 +60,7 @@ from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
 from catalog.store import Calibration, Catalog
 from consumer.batcher import batches
 from consumer.delivery import Outcome, OutRecord, PartitionOwner, Sink, commit_in_order, publish
+from consumer.health import Health, Watchdog
 from consumer.messages import Candidate, CatalogRef, Latency, MatchEvent, Photo, Source, dead_letter_headers, event_id
 from consumer.metrics import Metrics
 from consumer.source import Decoded, DecodedPhoto, FetchQueue, InFlight, PendingJpeg, Poison, Received, fetch
@@ -67,6 +68,7 @@ from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
 from consumer.unreadable import UnreadableBatches
 
 log = logging.getLogger(__name__)
+UNWATCHED = Watchdog(float("inf"))  # the stages' watchdog when the caller reads none
 
 
 @dataclass(frozen=True)
@@ -258,16 +260,20 @@ def build_outcome(
 async def finish_decoding(
     inq: asyncio.Queue[list[Received] | EndOfStream], outq: asyncio.Queue[ReadyBatch | EndOfStream], *,
     recognizer: Recognizer | None, device_pool: Executor, limits: DecodeLimits, metrics: Metrics,
+    watchdog: Watchdog | None = None,
 ) -> None:
     """Stage 3: wait for the batch's decodes; decode its plain JPEGs together on the device."""
     loop = asyncio.get_running_loop()
+    watchdog = watchdog or UNWATCHED
     while not isinstance(batch := await inq.get(), EndOfStream):
         closed = time.monotonic()
-        decoded: list[Decoded] = list(await asyncio.gather(*(r.decoded for r in batch)))
+        with watchdog.running("decode"):
+            decoded: list[Decoded] = list(await asyncio.gather(*(r.decoded for r in batch)))
         if any(isinstance(d, PendingJpeg) for d in decoded):
             if recognizer is None:
                 raise RuntimeError("photos were left for a device decoder, but none is configured")
-            done, fallbacks = await loop.run_in_executor(device_pool, recognizer.decode_jpegs, decoded, limits)
+            with watchdog.running("device_decode"):
+                done, fallbacks = await loop.run_in_executor(device_pool, recognizer.decode_jpegs, decoded, limits)
             if fallbacks:
                 metrics.device_decode_fallbacks.inc(fallbacks)
         else:
@@ -282,10 +288,12 @@ async def finish_decoding(
 async def process(
     inq: asyncio.Queue[ReadyBatch | EndOfStream], outq: asyncio.Queue[Outcome | EndOfStream], *,
     recognizer: Recognizer, model_pool: Executor, topics: Topics, metrics: Metrics, max_dead_letter_bytes: int,
+    watchdog: Watchdog | None = None,
 ) -> None:
     """Stage 4: embed and match the good photos of a batch in one go, against the catalogue
     serving when the batch starts (a swap meanwhile takes effect from the next batch)."""
     loop = asyncio.get_running_loop()
+    watchdog = watchdog or UNWATCHED
     while not isinstance(ready := await inq.get(), EndOfStream):
         serving = recognizer.serving
         photos = [d for d in ready.decoded if isinstance(d, DecodedPhoto)]
@@ -293,7 +301,8 @@ async def process(
         embed_s = match_s = 0.0
         if photos:
             images = [p.pixels for p in photos]
-            matches, embed_s, match_s = await loop.run_in_executor(model_pool, recognizer, images, serving)
+            with watchdog.running("model"):
+                matches, embed_s, match_s = await loop.run_in_executor(model_pool, recognizer, images, serving)
             metrics.stage.labels("embed").observe(embed_s)
             metrics.stage.labels("match").observe(match_s)
         metrics.batch_size.observe(len(ready.received))
@@ -311,9 +320,14 @@ async def process(
 class DrainOnRevoke(ConsumerRebalanceListener):
     """Before partitions are given up, let everything fetched so far be published and committed;
     then tell the partition owner, if the sink is one (exactly-once mode closes those
-    partitions' transactional producers)."""
+    partitions' transactional producers). Each assignment (an empty one too) marks the member
+    joined for readiness and is counted in ``shelfmatch_partition_assignments_total``."""
 
-    def __init__(self, in_flight: InFlight, timeout_s: float, metrics: Metrics, owner: PartitionOwner | None) -> None:
+    def __init__(
+        self, in_flight: InFlight, timeout_s: float, metrics: Metrics, owner: PartitionOwner | None,
+        health: Health | None = None,
+    ) -> None:
+        self._health = health
         self._in_flight = in_flight
         self._timeout_s = timeout_s
         self._metrics = metrics
@@ -341,6 +355,9 @@ class DrainOnRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned %s", sorted(assigned))
+        self._metrics.assignments.inc()
+        if self._health is not None and not self._health.joined:
+            self._health.set(joined=True)
         if self._owner is not None:
             await self._owner.assigned(assigned)
 
@@ -349,9 +366,11 @@ async def run_pipeline(
     consumer: AIOKafkaConsumer, sink: Sink, *, recognizer: Recognizer, topics: Topics, decode_pool: Executor,
     model_pool: Executor, device_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
     in_flight: InFlight, metrics: Metrics, stop: asyncio.Event, poll_every_s: float,
-    unreadable: UnreadableBatches | None = None,
+    unreadable: UnreadableBatches | None = None, watchdog: Watchdog | None = None,
 ) -> None:
-    """Run every stage until ``stop`` is set and the last fetched batch is committed."""
+    """Run every stage until ``stop`` is set and the last fetched batch is committed. The
+    decode and model stages report their work to ``watchdog``."""
+    watchdog = watchdog or UNWATCHED
     size = recognizer.embedder.input_size
     fetched = FetchQueue(maxsize=QUEUE_DEPTHS.fetched(batch_size))
     batched: asyncio.Queue[list[Received] | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.batched)
@@ -367,10 +386,11 @@ async def run_pipeline(
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")
         tg.create_task(finish_decoding(
             batched, ready, recognizer=recognizer, device_pool=device_pool, limits=limits, metrics=metrics,
+            watchdog=watchdog,
         ), name="finish-decoding")
         tg.create_task(process(
             ready, processed, recognizer=recognizer, model_pool=model_pool, topics=topics, metrics=metrics,
-            max_dead_letter_bytes=limits.max_bytes,
+            max_dead_letter_bytes=limits.max_bytes, watchdog=watchdog,
         ), name="process")
         tg.create_task(publish(processed, sent, sink), name="publish")
         tg.create_task(commit_in_order(sent, sink, in_flight), name="commit")

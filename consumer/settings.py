@@ -16,10 +16,14 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup"), *, request_millicores: int | None = None) -> int:
     """CPUs this process may use: its affinity mask, capped by the container's CPU quota (cgroup
     v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), which ``os.cpu_count()`` ignores: a pod limited
-    to 2 CPUs on a 64-core node would otherwise start 64 decode threads and 64 torch threads."""
+    to 2 CPUs on a 64-core node would otherwise start 64 decode threads and 64 torch threads.
+
+    Without a quota (no CPU limit, the usual way to run CPU pods) the pod's CPU request, when
+    given (``request_millicores``, from the downward API), caps it instead, rounded up: a pod
+    that asked for 1500m gets 2 threads, not one per core of the node it landed on."""
     cpus = len(os.sched_getaffinity(0))
     for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
         try:
@@ -28,11 +32,16 @@ def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
             else:
                 quota, period = (cgroup / quota_file).read_text().strip(), (cgroup / period_file).read_text().strip()
             if quota in ("max", "-1"):
-                return cpus
+                break
             return max(1, min(cpus, math.ceil(int(quota) / int(period))))
         except (OSError, ValueError, ZeroDivisionError):
             continue
+    if request_millicores:  # 0: the downward API's answer for a pod that requested no CPU
+        return max(1, min(cpus, math.ceil(request_millicores / 1000)))
     return cpus
+
+
+REBALANCE_MARGIN_MS = 30_000  # beyond the drain: the join itself and the assignment's round trip
 
 
 class Settings(BaseSettings):
@@ -46,6 +55,22 @@ class Settings(BaseSettings):
     output_topic: str = Field("shelf.matches", description="topic of JSON MatchEvents")
     dlq_topic: str = Field("shelf.photos.dlq", description="dead-letter topic for unusable photos")
     session_timeout_ms: int = Field(30_000, ge=1_000, description="consumer group session timeout")
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=100,
+        description="heartbeat interval of the group member (at most a third of the session timeout); a member "
+        "learns of a rebalance at its next heartbeat, so partitions given up wait this long for their new owner",
+    )
+    rebalance_timeout_ms: int | None = Field(
+        None, ge=1_000,
+        description="how long the group waits for every member to rejoin in a rebalance; it must exceed the "
+        "drain before partitions are given up (default: SHELFMATCH_SHUTDOWN_TIMEOUT_S + 30 s)",
+    )
+    group_instance_id: str | None = Field(
+        None, min_length=1,
+        description="static group membership (KIP-345): a member restarted with the same id within the session "
+        "timeout gets its partitions back with no rebalance; needs a name stable across restarts (a "
+        "StatefulSet pod's; a Deployment pod's name changes on every restart)",
+    )
     max_poll_interval_ms: int = Field(
         300_000, ge=1_000, description="longest gap between polls before the group evicts us"
     )
@@ -115,7 +140,17 @@ class Settings(BaseSettings):
     allowed_formats: Annotated[tuple[str, ...], NoDecode] = Field(
         ("JPEG", "PNG", "WEBP"), description="comma-separated image formats"
     )
-    decode_workers: int = Field(default_factory=available_cpus, ge=1, description="threads decoding photos")
+    cpu_request_millicores: int | None = Field(
+        None, ge=0,
+        description="the pod's CPU request in millicores (the chart fills it from the downward API); with no CPU "
+        "limit it sizes the decode pool and the torch threads (default: the CPU quota, else the CPUs in the "
+        "affinity mask)",
+    )
+    decode_workers: int = Field(
+        default_factory=lambda data: available_cpus(request_millicores=data.get("cpu_request_millicores")), ge=1,
+        description="threads decoding photos (default: the CPUs this pod may use, see "
+        "SHELFMATCH_CPU_REQUEST_MILLICORES)",
+    )
     on_unreadable_batch: Literal["dead-letter", "stop"] = Field(
         "dead-letter",
         description="dead-letter | stop: a record batch this process cannot read (a codec missing, a failed CRC) "
@@ -127,6 +162,16 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, le=65535, description="its port (0 picks a free one)")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="longest drain on SIGTERM, and before partitions move in a rebalance"
+    )
+    close_timeout_s: float = Field(
+        10.0, gt=0, le=300,
+        description="longest wait for the Kafka consumer and producer to close after the drain",
+    )
+    stall_timeout_s: float = Field(
+        120.0, gt=0,
+        description="/healthz fails when one batch's decoding or model call has run this long (a hung model "
+        "or decoder); publish stalls never count. The default is above the slowest plausible batch: 1024 "
+        "photos through ResNet-50 on 4 CPU cores take about 100 s, a GPU batch well under 1 s",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG | INFO | WARNING | ERROR"
@@ -140,6 +185,17 @@ class Settings(BaseSettings):
         13-19% of their size at 8-32 events per record batch, for 2-4 µs of CPU per event; gzip
         compresses as well for 3-6 times the CPU, snappy and lz4 leave 18-29%."""
         return None if self.compression == "none" else self.compression
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """Milliseconds between heartbeats: the setting, capped at a third of the session timeout."""
+        return max(100, min(self.heartbeat_interval_ms, self.session_timeout_ms // 3))
+
+    @property
+    def rebalance_timeout(self) -> int:
+        """Milliseconds the group waits for members to rejoin: above the drain that runs before a
+        member rejoins (aiokafka's default, the session timeout, equals the 30 s drain)."""
+        return self.rebalance_timeout_ms or int(self.shutdown_timeout_s * 1000) + REBALANCE_MARGIN_MS
 
     @field_validator("allowed_formats", mode="before")
     @classmethod
@@ -161,6 +217,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
             raise ValueError("input, output and dead-letter topics must all differ")
+        if self.rebalance_timeout_ms is not None and self.rebalance_timeout_ms <= self.shutdown_timeout_s * 1000:
+            raise ValueError(
+                f"SHELFMATCH_REBALANCE_TIMEOUT_MS ({self.rebalance_timeout_ms}) must exceed the drain "
+                f"SHELFMATCH_SHUTDOWN_TIMEOUT_S ({self.shutdown_timeout_s:g} s), or the group moves on without "
+                "members still draining")
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
             raise ValueError(f"{self.security_protocol} needs SHELFMATCH_SASL_USERNAME and SHELFMATCH_SASL_PASSWORD")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

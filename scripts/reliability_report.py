@@ -51,6 +51,11 @@ GUARANTEE = {
     },
     "catalogue replaced under a stream (corrupt, other model, removed, rename, symlink flip)":
         "nothing lost, no restart or rebalance; bad files leave the old catalogue serving, good ones swap in",
+    **{
+        f"rolling restart of 3 replicas, {m}":
+            "nothing lost (duplicates only from an interrupted drain, same event_id); rebalances and seconds "
+            "without progress counted" for m in ("before", "dynamic", "static")
+    },
     "unreadable batch (a codec missing here), stop mode":
         "the photos before the range committed, then exit 1 with one line naming it; no traceback",
 }

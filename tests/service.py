@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,18 +50,25 @@ class Service:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
+    def _wait(self, answered: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if self.get("/readyz")[0] == 200:
+                if answered():
                     return
             except OSError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"service not ready after {timeout_s}s:\n{self.log()}")
+        raise TimeoutError(f"service not {what} after {timeout_s}s:\n{self.log()}")
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        self._wait(lambda: self.get("/readyz")[0] == 200, timeout_s, "ready")
+
+    def wait_serving(self, timeout_s: float = 120.0) -> None:
+        """Until /healthz answers at all (the model is loaded, HTTP is up), ready or not."""
+        self._wait(lambda: self.get("/healthz")[0] > 0, timeout_s, "serving HTTP")
 
     def metrics(self) -> str:
         return self.get("/metrics")[1]

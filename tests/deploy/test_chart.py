@@ -225,6 +225,35 @@ def test_grace_period_outlasts_the_sigterm_drain(configuration):
 
 
 @pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_group_timing_holds_in_every_configuration(configuration):
+    """What the render-time guards enforce, read back from what was rendered: the drain holds a
+    publish attempt, the group waits longer than the drain, the kubelet longer than drain + close."""
+    env = config_env(render(configuration))
+    drain_ms = float(env["SHELFMATCH_SHUTDOWN_TIMEOUT_S"]) * 1000
+    assert int(env["SHELFMATCH_PUBLISH_TIMEOUT_MS"]) <= drain_ms
+    assert int(env.get("SHELFMATCH_REBALANCE_TIMEOUT_MS", drain_ms + 30_000)) > drain_ms
+    grace = pod_spec(render(configuration))["terminationGracePeriodSeconds"]
+    assert grace >= drain_ms / 1000 + float(env["SHELFMATCH_CLOSE_TIMEOUT_S"]) + 5
+
+
+def test_the_pods_cpu_request_reaches_the_service_through_the_downward_api():
+    container = service_container(pod_spec(render("default")))
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SHELFMATCH_CPU_REQUEST_MILLICORES"]["valueFrom"]["resourceFieldRef"] == {
+        "containerName": container["name"], "resource": "requests.cpu", "divisor": "1m"}
+    assert "SHELFMATCH_DECODE_WORKERS" not in config_env(render("default"))  # sized from the request
+    assert "SHELFMATCH_GROUP_INSTANCE_ID" not in env  # static membership is opt-in
+
+
+def test_static_membership_takes_the_instance_id_from_the_pod_name():
+    result = template("--set", "kafka.staticMembership=true", "--set", "kafka.sessionTimeoutMs=90000")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    env = {e["name"]: e for e in service_container(pod_spec(docs))["env"]}
+    assert env["SHELFMATCH_GROUP_INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
 def test_selectors_match_the_pods(configuration):
     docs = render(configuration)
     deployment = one(docs, "Deployment")
@@ -296,9 +325,13 @@ def test_the_service_accepts_the_rendered_settings(configuration, monkeypatch):
         monkeypatch.delenv(var)
     for name, value in config_env(docs).items():
         monkeypatch.setenv(name, value)
+    # What the kubelet would put there: a Secret's value, the pod's name, its CPU request (1m units).
+    stand_ins = {"secretKeyRef": "from-a-secret", "fieldRef": f"{RELEASE}-shelfmatch-7d9f8-x2k4q",
+                 "resourceFieldRef": "1000"}
     for env in service_container(pod_spec(docs)).get("env", []):
         if env["name"].startswith("SHELFMATCH_"):
-            monkeypatch.setenv(env["name"], env.get("value", "from-a-secret"))
+            source = next(iter(env.get("valueFrom", {"secretKeyRef": None})))
+            monkeypatch.setenv(env["name"], env.get("value", stand_ins[source]))
     settings = Settings()
     assert str(settings.catalog).startswith("/catalog/")
     assert settings.metrics_port == one(docs, "Service")["spec"]["ports"][0]["port"]
@@ -496,7 +529,12 @@ def test_keda_at_exactly_the_partition_count_is_allowed():
         (["replicaCount=5", "kafka.inputPartitions=4"], "replicaCount (5) must not exceed kafka.inputPartitions (4)"),
         (["kafka.securityProtocol=SASL_SSL"], "needs kafka.sasl.existingSecret"),
         (["kafka.tls.caSecret=kafka-ca"], "only used with SSL or SASL_SSL"),
-        (["terminationGracePeriodSeconds=30"], "must be longer than settings.shutdownTimeoutS (30)"),
+        (["terminationGracePeriodSeconds=44"],
+         "must be at least settings.shutdownTimeoutS + settings.closeTimeoutS + 5 (45)"),
+        (["settings.closeTimeoutS=30"], "terminationGracePeriodSeconds (60) must be at least"),
+        (["kafka.publishTimeoutMs=30001"], "kafka.publishTimeoutMs (30001) must not exceed settings.shutdownTimeoutS"),
+        (["kafka.rebalanceTimeoutMs=30000"], "kafka.rebalanceTimeoutMs (30000) must exceed settings.shutdownTimeoutS"),
+        (["kafka.staticMembership=true"], "needs kafka.sessionTimeoutMs (30000) above terminationGracePeriodSeconds"),
         (["catalog.source=initContainer"], "needs catalog.initContainer.image.repository"),
         (["settings.device=cuda"], "gpu.enabled is false"),
         (["catalog.source=s3"], "/catalog/source"),  # the values schema already refuses it
@@ -591,7 +629,9 @@ def test_a_pod_counts_as_available_only_after_a_failed_publish_would_have_shown(
 
 def test_min_ready_seconds_follows_the_publish_timeout_and_the_readiness_probe():
     assert _deployment()["spec"]["minReadySeconds"] == 30 + 3 * 10 + 10
-    assert _deployment("kafka.publishTimeoutMs=90500")["spec"]["minReadySeconds"] == 91 + 30 + 10
+    # A publish timeout that long needs a drain (and a grace period) to match (validateGroupTiming).
+    longer = ("kafka.publishTimeoutMs=90500", "settings.shutdownTimeoutS=91", "terminationGracePeriodSeconds=120")
+    assert _deployment(*longer)["spec"]["minReadySeconds"] == 91 + 30 + 10
     assert _deployment("probes.readiness.periodSeconds=5")["spec"]["minReadySeconds"] == 30 + 15 + 10
     assert _deployment("minReadySeconds=120")["spec"]["minReadySeconds"] == 120
 

@@ -132,7 +132,7 @@ def test_healthcheck_follows_the_services_healthz(monkeypatch):
     """The HEALTHCHECK one-liner, run against the service's real HTTP endpoint: 0 when the event
     loop ticks, non-zero when it has stalled."""
     from consumer.app import HEALTH_STALE_S, start_http
-    from consumer.health import Health
+    from consumer.health import Health, Watchdog
     from consumer.settings import Settings
 
     command = _healthcheck_command()
@@ -140,7 +140,8 @@ def test_healthcheck_follows_the_services_healthz(monkeypatch):
     for var in [v for v in os.environ if v.startswith("SHELFMATCH_")]:
         monkeypatch.delenv(var)
     health = Health()
-    server = start_http(Settings(metrics_host="127.0.0.1", metrics_port=0), CollectorRegistry(), health)
+    server = start_http(Settings(metrics_host="127.0.0.1", metrics_port=0), CollectorRegistry(), health,
+                        Watchdog(float("inf")))
     try:
         env = {**os.environ, "SHELFMATCH_METRICS_PORT": str(server.server_port)}
 

@@ -255,7 +255,7 @@ async def test_a_missing_output_topic_holds_offsets_until_it_exists(
     svc = service(
         SHELFMATCH_CATALOG=str(fast_catalog), SHELFMATCH_OUTPUT_TOPIC=missing, SHELFMATCH_PUBLISH_TIMEOUT_MS="2000"
     )
-    svc.wait_ready()
+    svc.wait_serving()  # never ready: the output probe does not find the topic
     start = time.monotonic()
     wait_for(lambda: metric_value(svc.metrics(), "shelfmatch_publish_retries_total") >= 2, 120, "publish retries")
     assert svc.get("/readyz")[0] == 503

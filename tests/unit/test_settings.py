@@ -170,3 +170,41 @@ def test_unreadable_tls_files_are_a_configuration_error_that_names_them(tmp_path
     settings = Settings(security_protocol="SSL", ssl_certfile=cert, ssl_keyfile=tmp_path / "tls.key")
     with pytest.raises(ConfigurationError, match="SHELFMATCH_SSL_CERTFILE=.*tls.crt"):
         tls_context(settings)
+
+
+def test_without_a_cpu_limit_the_pods_cpu_request_sizes_the_threads(tmp_path):
+    """No quota (no CPU limit): the downward API's request, rounded up, caps the threads instead
+    of the node's cores; a quota still wins over the request; 0 (no request) means unknown."""
+    import os
+
+    from consumer.settings import available_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    unlimited = _cgroup(tmp_path / "max", {"cpu.max": "max 100000\n"})
+    assert available_cpus(unlimited, request_millicores=500) == 1
+    assert available_cpus(unlimited, request_millicores=1001) == min(2, affinity)
+    assert available_cpus(unlimited, request_millicores=0) == affinity
+    assert available_cpus(unlimited, request_millicores=10_000_000) == affinity  # never above affinity
+    assert available_cpus(tmp_path / "no-cgroup", request_millicores=1000) == 1
+    limited = _cgroup(tmp_path / "quota", {"cpu.max": "100000 100000\n"})
+    assert available_cpus(limited, request_millicores=64_000) == 1  # the limit is what the pod can use
+
+
+def test_the_cpu_request_sets_the_default_decode_workers_and_an_explicit_value_wins():
+    from consumer.settings import available_cpus
+
+    assert Settings(cpu_request_millicores=1000).decode_workers == available_cpus(request_millicores=1000)
+    assert Settings(cpu_request_millicores=1000, decode_workers=3).decode_workers == 3
+
+
+def test_the_heartbeat_is_3_s_but_at_most_a_third_of_the_session():
+    assert Settings().heartbeat_interval == 3_000
+    assert Settings(session_timeout_ms=6_000).heartbeat_interval == 2_000
+
+
+def test_the_rebalance_timeout_exceeds_the_drain():
+    assert Settings().rebalance_timeout == 60_000  # drain 30 s + 30 s
+    assert Settings(shutdown_timeout_s=90).rebalance_timeout == 120_000
+    assert Settings(rebalance_timeout_ms=45_000).rebalance_timeout == 45_000
+    with pytest.raises(ValidationError, match="REBALANCE_TIMEOUT_MS"):
+        Settings(rebalance_timeout_ms=30_000, shutdown_timeout_s=30)

@@ -265,9 +265,7 @@ Deployment, so every render runs them.
 {{- fail "catalog.source initContainer needs catalog.initContainer.image.repository and catalog.initContainer.command" }}
 {{- end }}
 {{- end }}
-{{- if le ($v.terminationGracePeriodSeconds | int) ($v.settings.shutdownTimeoutS | int) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than settings.shutdownTimeoutS (%d), or pods are killed mid-drain" ($v.terminationGracePeriodSeconds | int) ($v.settings.shutdownTimeoutS | int)) }}
-{{- end }}
+{{- include "shelfmatch.validateGroupTiming" . }}
 {{- $notReady := include "shelfmatch.notReadyAfterSeconds" . | int }}
 {{- $minReady := include "shelfmatch.minReadySeconds" . | int }}
 {{- if le $minReady $notReady }}
@@ -279,5 +277,32 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if and (eq (include "shelfmatch.device" .) "cuda") (not $v.gpu.enabled) }}
 {{- fail "settings.device is cuda but gpu.enabled is false: the pod would get no GPU" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Group timing, in the order a SIGTERM or a rebalance lives through it: the drain (shutdownTimeoutS)
+must hold one whole publish attempt and its commit (publishTimeoutMs); the group must wait for a
+draining member longer than the drain (rebalance timeout, the service's default being drain + 30 s);
+the kubelet must wait for the drain and the clients' close (closeTimeoutS) plus 5 s to exit; and a
+static member's session must outlast the grace period, or the group drops it while it is stopping.
+*/}}
+{{- define "shelfmatch.validateGroupTiming" -}}
+{{- $v := .Values }}
+{{- $drainMs := mulf $v.settings.shutdownTimeoutS 1000 | int }}
+{{- $grace := $v.terminationGracePeriodSeconds | int }}
+{{- $needed := addf $v.settings.shutdownTimeoutS $v.settings.closeTimeoutS 5 }}
+{{- if lt (float64 $grace) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least settings.shutdownTimeoutS + settings.closeTimeoutS + 5 (%g), or pods are killed mid-drain" $grace $needed) }}
+{{- end }}
+{{- if gt ($v.kafka.publishTimeoutMs | int) $drainMs }}
+{{- fail (printf "kafka.publishTimeoutMs (%d) must not exceed settings.shutdownTimeoutS (%d ms): the drain must hold one whole publish attempt and its commit" ($v.kafka.publishTimeoutMs | int) $drainMs) }}
+{{- end }}
+{{- $rebalance := $v.kafka.rebalanceTimeoutMs | default (add $drainMs 30000) | int }}
+{{- if le $rebalance $drainMs }}
+{{- fail (printf "kafka.rebalanceTimeoutMs (%d) must exceed settings.shutdownTimeoutS (%d ms): members still draining would be dropped from the rebalance" $rebalance $drainMs) }}
+{{- end }}
+{{- if and $v.kafka.staticMembership (le ($v.kafka.sessionTimeoutMs | int) (mul $grace 1000)) }}
+{{- fail (printf "kafka.staticMembership needs kafka.sessionTimeoutMs (%d) above terminationGracePeriodSeconds (%d s): a static member does not leave the group when it stops, so a shorter session expires while it is still shutting down and rebalances anyway" ($v.kafka.sessionTimeoutMs | int) $grace) }}
 {{- end }}
 {{- end }}

@@ -109,7 +109,8 @@ class Embedder:
             raise ValueError("execution 'openvino' runs on the CPU; use device 'cpu' (or cuda-graph on the GPU)")
         openvino = self.execution == "openvino"
         if precision == "auto":
-            resolved: CpuPrecision = "bf16" if cuda or (openvino and native_bf16()) else "fp32"
+            # On a CPU, bf16 only where it is native and keeps the backbone's verdicts (cpu_bf16).
+            resolved: CpuPrecision = "bf16" if cuda or (openvino and backbone.cpu_bf16 and native_bf16()) else "fp32"
         else:
             resolved = precision
         self.precision = resolved

@@ -116,3 +116,15 @@ def test_openvino_is_refused_on_a_gpu_device():
         pytest.skip("needs a CUDA device to ask for one")
     with pytest.raises(ValueError, match="runs on the CPU"):
         Embedder(load_backbone("mobilenet_v3_small", weights="none"), "cuda", execution="openvino")
+
+
+def test_the_network_cache_defaults_to_the_cache_home(monkeypatch, tmp_path):
+    """In the container XDG_CACHE_HOME is on /scratch, the only writable volume."""
+    from consumer.settings import Settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert Settings().network_cache == tmp_path / "shelfmatch"
+    monkeypatch.setenv("SHELFMATCH_NETWORK_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("SHELFMATCH_EXECUTION", "openvino")
+    settings = Settings()
+    assert (settings.network_cache, settings.execution) == (tmp_path / "elsewhere", "openvino")

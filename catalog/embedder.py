@@ -16,8 +16,9 @@ several times faster (bench/gpu.py measures each):
 
 On a CPU, ``execution="openvino"`` runs the same network on OpenVINO (:mod:`catalog.runtime`),
 converted once and kept on disk under ``cache_dir``; its ``precision="auto"`` is bf16 where the
-CPU computes bf16 natively and fp32 elsewhere (torch's own bf16 on a CPU measured several times
-slower than its fp32, so eager stays fp32).
+CPU computes bf16 natively and the backbone's bf16 kept its verdicts (``LoadedBackbone.cpu_bf16``),
+fp32 elsewhere (torch's own bf16 on a CPU measured several times slower than its fp32, so eager
+stays fp32).
 
 ``auto`` picks bf16 + CUDA graphs on a GPU and OpenVINO on a CPU (compiling with torch on a small
 CPU costs minutes of start-up for little gain).

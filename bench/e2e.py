@@ -1,6 +1,8 @@
 """End-to-end benchmark of the real service against the local broker, with its baselines.
 
-For each backbone and photo size, measured in the same run on the same machine:
+For each backbone, photo size and CPU execution (torch eager, today's path; OpenVINO at its
+``auto`` precision, bf16 where the CPU has it; OpenVINO with fp32 forced, as on a CPU without
+bf16), measured in the same run on the same machine:
 
 - model alone: the embedder on pre-decoded uint8 tensors at the service's batch size;
 - service, maximum: a backlog of photos drained by `shelfmatch consume` (first to last event);
@@ -10,6 +12,7 @@ For each backbone and photo size, measured in the same run on the same machine:
 - peak resident memory of the service.
 
     .venv/bin/python bench/e2e.py [--models efficientnet_lite0,resnet18] [--sizes store,fullhd]
+        [--executions eager,openvino,openvino:fp32]
 
 Weights are `none` (seeded random): speed does not depend on them. Results go to
 out/bench/e2e.json; bench/report.py turns them into docs/performance.md.
@@ -38,6 +41,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "out" / "bench"
+NETWORKS = OUT / "networks"  # networks converted for OpenVINO, shared by every run
 BATCH = 32
 
 from catalog.build import build_catalog, references_from_folder  # noqa: E402
@@ -71,10 +75,11 @@ def shelf_frames(n: int = 12) -> list[bytes]:
     return frames
 
 
-def model_alone(model: str, photos: list[bytes], batches: int = 10) -> float:
+def model_alone(model: str, photos: list[bytes], execution: str, precision: str, batches: int = 10) -> float:
     """Embedding throughput on pre-decoded batches: as many batches as the service's default backlog
     (320 photos), after three warm-up batches."""
-    embedder = Embedder(load_backbone(model, weights="none"), "cpu")
+    embedder = Embedder(load_backbone(model, weights="none"), "cpu", execution=execution, precision=precision,
+                        cache_dir=NETWORKS)
     pixels = torch.stack([to_tensor(decode(photos[i % len(photos)], embedder.input_size).image) for i in range(BATCH)])
     for _ in range(3):
         embedder.embed(pixels)
@@ -133,7 +138,9 @@ def rate_of(records: list) -> float:
 
 
 class Service:
-    def __init__(self, bootstrap: str, catalog: Path, topic: str, out: str, group: str) -> None:
+    def __init__(
+        self, bootstrap: str, catalog: Path, topic: str, out: str, group: str, execution: str, precision: str,
+    ) -> None:
         import socket
 
         with socket.socket() as s:
@@ -144,6 +151,8 @@ class Service:
                "SHELFMATCH_GROUP_ID": group, "SHELFMATCH_METRICS_HOST": "127.0.0.1",
                "SHELFMATCH_METRICS_PORT": str(self.port), "SHELFMATCH_DEVICE": "cpu",
                "SHELFMATCH_BATCH_SIZE": str(BATCH), "SHELFMATCH_LOG_LEVEL": "WARNING",
+               "SHELFMATCH_EXECUTION": execution, "SHELFMATCH_PRECISION": precision,
+               "SHELFMATCH_NETWORK_CACHE": str(NETWORKS),
                "SHELFMATCH_THRESHOLD": "0.7"}  # the benchmark measures speed, not verdicts
         self.proc = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env, cwd=ROOT)
         self.peak_rss = 0
@@ -182,21 +191,24 @@ async def watch(service: Service, task: asyncio.Task) -> list:
     return task.result()
 
 
-def bench(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> dict:
-    run = f"{model}-{size}-{os.urandom(3).hex()}"
+def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str, args) -> dict:
+    execution, _, precision = spec.partition(":")
+    precision = precision or "auto"
+    run = f"{model}-{size}-{execution}-{precision}-{os.urandom(3).hex()}"
     catalog = OUT / f"catalog-{model}.safetensors"
     if not catalog.exists():
         build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=model,
                       weights="none", device="cpu", progress=False).save(catalog)
-    result = {"model": model, "size": size, "batch_size": BATCH, "photo_bytes": int(np.mean([len(p) for p in photos]))}
-    result["model_alone_img_s"] = model_alone(model, photos)
+    result = {"model": model, "size": size, "batch_size": BATCH, "photo_bytes": int(np.mean([len(p) for p in photos])),
+              "execution": execution, "precision": precision}
+    result["model_alone_img_s"] = model_alone(model, photos, execution, precision)
     print(f"[{run}] model alone: {result['model_alone_img_s']:.1f} img/s", flush=True)
 
     # Maximum: drain a backlog.
     topic, out = f"bench.in.{run}", f"bench.out.{run}"
     asyncio.run(create(bootstrap, topic, out, out + ".dlq"))
     asyncio.run(send(bootstrap, topic, photos, args.photos))
-    service = Service(bootstrap, catalog, topic, out, f"g-{run}")
+    service = Service(bootstrap, catalog, topic, out, f"g-{run}", execution, precision)
 
     async def drain():
         return await watch(service, asyncio.create_task(collect(bootstrap, out, args.photos)))
@@ -231,18 +243,23 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> d
               flush=True)
     result["service_peak_rss_mb"] = service.peak_rss / 1e6
     service.stop()
+    return result
 
+
+def naive(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> float:
+    run = f"{model}-{size}-{os.urandom(3).hex()}"
+    catalog = OUT / f"catalog-{model}.safetensors"
     # Naive reference consumer on its own backlog.
     ntopic, nout = f"bench.naive.{run}", f"bench.naive.out.{run}"
     asyncio.run(create(bootstrap, ntopic, nout))
     asyncio.run(send(bootstrap, ntopic, photos, args.naive_photos))
-    naive = subprocess.Popen([sys.executable, str(ROOT / "bench" / "naive_consumer.py"), "--bootstrap", bootstrap,
-                              "--input", ntopic, "--output", nout, "--group", f"naive-{run}", "--catalog", str(catalog),
-                              "--count", str(args.naive_photos)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    result["naive_img_s"] = rate_of(asyncio.run(collect(bootstrap, nout, args.naive_photos)))
-    naive.wait(120)
-    print(f"[{run}] naive: {result['naive_img_s']:.1f} img/s", flush=True)
-    return result
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "naive_consumer.py"), "--bootstrap", bootstrap,
+                             "--input", ntopic, "--output", nout, "--group", f"naive-{run}", "--catalog", str(catalog),
+                             "--count", str(args.naive_photos)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    rate = rate_of(asyncio.run(collect(bootstrap, nout, args.naive_photos)))
+    proc.wait(120)
+    print(f"[{run}] naive: {rate:.1f} img/s", flush=True)
+    return rate
 
 
 def main() -> int:
@@ -253,6 +270,8 @@ def main() -> int:
     p.add_argument("--naive-photos", type=int, default=64)
     p.add_argument("--loads", default="0.25,0.5,0.75,1.0")
     p.add_argument("--load-seconds", type=float, default=15)
+    p.add_argument("--executions", default="eager,openvino,openvino:fp32",
+                   help="CPU executions side by side, EXECUTION[:PRECISION] (precision default auto)")
     args = p.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
@@ -269,11 +288,24 @@ def main() -> int:
         for size in args.sizes.split(","):
             photos = sizes[size]()
             for model in args.models.split(","):
-                results.append(bench(bootstrap, model, size, photos, args))
+                rows = [bench(bootstrap, model, size, photos, spec, args) for spec in args.executions.split(",")]
+                rate = naive(bootstrap, model, size, photos, args)
+                results += [{**row, "naive_img_s": rate} for row in rows]
     finally:
         if started:
             subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop"], env=env, check=False)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    import openvino as ov
+
+    from catalog.runtime import native_bf16
+
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("flags")), [])
+    model_name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                       if ln.startswith("model name")), "")
+    machine = {"cpu": model_name or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2"))),
+               "native_bf16": native_bf16(), "openvino": ov.get_version(),
+               "load_average": os.getloadavg()[0],
                "torch_threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"),
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

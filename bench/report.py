@@ -196,6 +196,12 @@ def compression_section(d: dict) -> list[str]:
     return lines
 
 
+def _execution(r: dict) -> str:
+    """A row's CPU execution as measured (rows from before the choice existed ran torch eager)."""
+    execution = r.get("execution", "eager")
+    return execution if r.get("precision", "auto") == "auto" else f"{execution} {r['precision']}"
+
+
 def e2e_section(data: dict) -> list[str]:
     m = data["machine"]
     lines = [
@@ -205,14 +211,30 @@ def e2e_section(data: dict) -> list[str]:
         f"{m['device']}, {m['date']}, commit {m['commit']}. Batch size 32, weights `none` (same compute as ImageNet "
         "weights). Store photos: the 50 demo photos (348x348, ~20 kB); full HD: generated 1920x1080 shelf frames.",
         "",
-        "| model | photos | model alone img/s | service img/s | service / model | naive img/s | service / naive "
-        "| model alone / naive | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if "cpu_flags" in m:
+        lines += [
+            f"CPU flags: {' '.join(m['cpu_flags'])}; native bf16 (OpenVINO's report): {m['native_bf16']}; "
+            f"OpenVINO {m['openvino']}; load average at the end: {m['load_average']:.1f}"
+            f"{' (a contended machine: preliminary numbers)' if m['load_average'] > 0.5 * m['cores'] else ''}. "
+            "`openvino` runs at `auto` precision (bf16 where the CPU has it), `openvino fp32` forces fp32 "
+            "as on a CPU without bf16.",
+            "",
+        ]
+    lines += [
+        "| model | photos | execution | model alone img/s | service img/s | service / model | service / eager "
+        "| naive img/s | service / naive | model alone / naive | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    # Today's path (torch eager) is the baseline of the other executions measured in the same run.
+    eager = {(r["model"], r["size"]): r["service_img_s"] for r in data["results"] if _execution(r) == "eager"}
     for r in data["results"]:
+        base = eager.get((r["model"], r["size"]))
+        versus = f"{r['service_img_s'] / base:.2f}x" if base else "-"
         lines.append(
-            f"| {r['model']} | {r['size']} ({r['photo_bytes'] / 1e3:.0f} kB) | {r['model_alone_img_s']:.1f} | "
-            f"{r['service_img_s']:.1f} | {r['service_img_s'] / r['model_alone_img_s']:.0%} | {r['naive_img_s']:.1f} | "
+            f"| {r['model']} | {r['size']} ({r['photo_bytes'] / 1e3:.0f} kB) | {_execution(r)} | "
+            f"{r['model_alone_img_s']:.1f} | {r['service_img_s']:.1f} | "
+            f"{r['service_img_s'] / r['model_alone_img_s']:.0%} | {versus} | {r['naive_img_s']:.1f} | "
             f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['model_alone_img_s'] / r['naive_img_s']:.1f}x | "
             f"{r['service_peak_rss_mb']:.0f} |"
         )
@@ -224,8 +246,9 @@ def e2e_section(data: dict) -> list[str]:
         "",
         "Latency at offered loads (input record timestamp to the event's publish timestamp):",
         "",
-        "| model | photos | load | offered img/s | p50 ms | p95 ms | p99 ms | p99 bound at 50% (wait + 3 x batch) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | photos | execution | load | offered img/s | p50 ms | p95 ms | p99 ms "
+        "| p99 bound at 50% (wait + 3 x batch) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         bound = BATCH_MAX_WAIT_MS + 3 * r["batch_service_s"] * 1e3
@@ -234,7 +257,8 @@ def e2e_section(data: dict) -> list[str]:
             if load["fraction"] == 0.5:
                 mark = f"{bound:.0f} ms: {'met' if load['p99_ms'] <= bound else 'missed'}"
             lines.append(
-                f"| {r['model']} | {r['size']} | {load['fraction']:.0%} | {load['offered_img_s']:.1f} | "
+                f"| {r['model']} | {r['size']} | {_execution(r)} | {load['fraction']:.0%} | "
+                f"{load['offered_img_s']:.1f} | "
                 f"{load['p50_ms']:.0f} | {load['p95_ms']:.0f} | {load['p99_ms']:.0f} | {mark} |"
             )
     return lines + [""]

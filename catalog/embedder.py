@@ -14,13 +14,19 @@ several times faster (bench/gpu.py measures each):
 - ``execution="compile"``: ``torch.compile`` (inductor kernels fused, CUDA graphs on a GPU),
   compiled and warmed up at start for the fixed batch size, padded like the above.
 
-``auto`` picks bf16 + CUDA graphs on a GPU and fp32 eager on a CPU (bf16 on CPU measured several
-times slower; compiling on a small CPU costs minutes of start-up for little gain).
+On a CPU, ``execution="openvino"`` runs the same network on OpenVINO (:mod:`catalog.runtime`),
+converted once and kept on disk under ``cache_dir``; its ``precision="auto"`` is bf16 where the
+CPU computes bf16 natively and the backbone's bf16 kept its verdicts (``LoadedBackbone.cpu_bf16``),
+fp32 elsewhere (torch's own bf16 on a CPU measured several times slower than its fp32, so eager
+stays fp32).
+
+``auto`` picks bf16 + CUDA graphs on a GPU and OpenVINO on a CPU (compiling with torch on a small
+CPU costs minutes of start-up for little gain).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -28,9 +34,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from catalog.models import Fingerprint, LoadedBackbone
+from catalog.runtime import CpuPrecision, Network, OpenVinoNetwork, native_bf16
 
 Precision = Literal["auto", "fp32", "bf16"]
-Execution = Literal["auto", "eager", "cuda-graph", "compile"]
+Execution = Literal["auto", "eager", "cuda-graph", "compile", "openvino"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,25 +97,36 @@ class Embedder:
 
     def __init__(
         self, backbone: LoadedBackbone, device: str | torch.device = "cpu", *, precision: Precision = "fp32",
-        execution: Execution = "eager", batch_size: int = 32,
+        execution: Execution = "eager", batch_size: int = 32, cache_dir: Path | None = None,
     ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         cuda = self.device.type == "cuda"
         if cuda:  # "cuda" -> "cuda:0", so tensors' devices compare equal
             self.device = torch.device("cuda", self.device.index or torch.cuda.current_device())
-        self.precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
-        self.execution = ("cuda-graph" if cuda else "eager") if execution == "auto" else execution
+        self.execution = ("cuda-graph" if cuda else "openvino") if execution == "auto" else execution
         if self.execution == "cuda-graph" and not cuda:
             raise ValueError("execution 'cuda-graph' needs a CUDA device")
+        if self.execution == "openvino" and cuda:
+            raise ValueError("execution 'openvino' runs on the CPU; use device 'cpu' (or cuda-graph on the GPU)")
+        openvino = self.execution == "openvino"
+        if precision == "auto":
+            # On a CPU, bf16 only where it is native and keeps the backbone's verdicts (cpu_bf16).
+            resolved: CpuPrecision = "bf16" if cuda or (openvino and backbone.cpu_bf16 and native_bf16()) else "fp32"
+        else:
+            resolved = precision
+        self.precision = resolved
         self.batch_size = batch_size
         self.fingerprint: Fingerprint = backbone.fingerprint
         pre = self.fingerprint.preprocessing
-        autocast = torch.bfloat16 if self.precision == "bf16" else None
+        autocast = torch.bfloat16 if self.precision == "bf16" and not openvino else None
         net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast).to(self.device).eval()
         # Channels-last is the layout both oneDNN (CPU) and tensor cores (GPU) convolve fastest in
         # (measured in docs/performance.md).
         self._net = net.to(memory_format=torch.channels_last)
-        self._run: Callable[[torch.Tensor], torch.Tensor] = self._net
+        self._run: Network = self._net
+        if openvino:
+            self._run = OpenVinoNetwork(net, self.fingerprint, precision=resolved,
+                                        threads=torch.get_num_threads(), cache_dir=cache_dir)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None
@@ -180,7 +198,7 @@ class Embedder:
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         elif pixels.device != self.device:
             pixels = pixels.to(self.device)
-        run: Callable[[torch.Tensor], torch.Tensor]
+        run: Network
         if self.fixed_batch:
             if not self._warm:  # capturing now could collide with the decoder's work on the device
                 raise RuntimeError(f"{self.execution} needs warm_up() before the first batch")

@@ -132,7 +132,7 @@ def load_model(settings: Settings, catalog: Catalog, device: torch.device) -> Re
         )
     threshold, min_margin = operating_point(catalog, settings.threshold, settings.min_margin, settings.catalog)
     embedder = Embedder(backbone, device, precision=settings.precision, execution=settings.execution,
-                        batch_size=settings.batch_size)
+                        batch_size=settings.batch_size, cache_dir=settings.network_cache)
     matcher = Matcher(catalog, device=device, top_k=settings.top_k, threshold=threshold, min_margin=min_margin)
     on_device = settings.jpeg_decoder == "device" or (settings.jpeg_decoder == "auto" and device.type == "cuda")
     return Recognizer(embedder, matcher, catalog, JpegBatchDecoder(device) if on_device else None)

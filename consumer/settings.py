@@ -121,12 +121,17 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=100, description="candidates per event")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16"
+        "auto", description="auto (bf16 on a GPU, and with openvino on a CPU that has native bf16; else fp32) "
+        "| fp32 | bf16"
     )
-    execution: Literal["auto", "eager", "cuda-graph", "compile"] = Field(
+    execution: Literal["auto", "eager", "cuda-graph", "compile", "openvino"] = Field(
         "auto",
-        description="auto (cuda-graph on a GPU, eager on a CPU) | eager | cuda-graph "
-        "| compile (torch.compile at start)",
+        description="auto (cuda-graph on a GPU, openvino on a CPU) | eager (torch) | cuda-graph "
+        "| compile (torch.compile at start) | openvino (CPU only)",
+    )
+    network_cache: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shelfmatch",
+        description="folder where the network converted for OpenVINO is kept, keyed by the catalogue's fingerprint",
     )
     jpeg_decoder: Literal["auto", "pillow", "device"] = Field(
         "auto", description="auto (device = nvJPEG on a GPU, pillow on a CPU) | pillow | device"

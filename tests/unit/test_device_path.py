@@ -150,9 +150,14 @@ def backbone():
     return load_backbone("mobilenet_v3_small", weights="none")  # random weights: numerics, not quality
 
 
-def test_auto_settings_mean_fp32_eager_on_a_cpu_and_graphs_need_cuda(backbone):
-    e = Embedder(backbone, "cpu", precision="auto", execution="auto")
-    assert (e.precision, e.execution, e.fixed_batch) == ("fp32", "eager", False)
+def test_auto_settings_mean_openvino_on_a_cpu_eager_stays_fp32_and_graphs_need_cuda(backbone, tmp_path):
+    from catalog.runtime import native_bf16
+
+    e = Embedder(backbone, "cpu", precision="auto", execution="auto", cache_dir=tmp_path)
+    bf16 = native_bf16() and backbone.cpu_bf16  # detected from the CPU, and only where verdicts keep
+    assert (e.precision, e.execution, e.fixed_batch) == ("bf16" if bf16 else "fp32", "openvino", False)
+    eager = Embedder(backbone, "cpu", precision="auto", execution="eager")
+    assert (eager.precision, eager.fixed_batch) == ("fp32", False)  # torch's bf16 is slower on a CPU
     with pytest.raises(ValueError, match="CUDA"):
         Embedder(backbone, "cpu", execution="cuda-graph")
 

@@ -1,0 +1,129 @@
+"""Runtimes that execute the catalogue's network: torch's own, and OpenVINO on a CPU.
+
+Both take what :class:`catalog.embedder.Embedder` hands them, a uint8 batch (N, 3, H, W) on the
+CPU, and return float32 unit vectors (N, dim): the scaling, the mean/std normalisation, the
+backbone, the L2 normalisation and the head are all inside the one network that runs.
+
+OpenVINO is the CPU runtime (measured against torch and onnxruntime on the same cores,
+docs/performance.md): its CPU plugin fuses the whole network into oneDNN primitives and, on a
+CPU with native bf16 (AVX512_BF16, AMX), runs it in bfloat16, twice its own fp32 rate. The torch
+module is converted once (``openvino.convert_model`` traces it directly, no ONNX file) and the
+result is kept on disk, keyed by the catalogue's fingerprint and the OpenVINO version, so later
+starts read it instead of converting again. The fingerprint check is not loosened by this: the
+torch network is built and checked against the catalogue before anything is converted or read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from catalog.models import Fingerprint
+
+log = logging.getLogger(__name__)
+
+CpuPrecision = Literal["fp32", "bf16"]
+
+
+class Network(Protocol):
+    """A network ready to run: uint8 pixels (N, 3, H, W) in, float32 unit vectors (N, dim) out."""
+
+    def __call__(self, pixels: torch.Tensor, /) -> torch.Tensor: ...
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512_BF16 or AMX), as OpenVINO's CPU plugin
+    reports it; without it bf16 would be emulated, slower than fp32."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def cache_key(fingerprint: Fingerprint) -> str:
+    """What a converted network depends on: everything in the fingerprint, and the converter."""
+    import openvino as ov
+
+    text = json.dumps({"fingerprint": fingerprint.to_dict(), "openvino": ov.get_version()}, sort_keys=True)
+    return f"{fingerprint.backbone}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+class OpenVinoNetwork:
+    """The catalogue's network compiled by OpenVINO for this CPU, at ``precision``, on ``threads``
+    threads (one inference at a time: the service embeds one batch after the other)."""
+
+    def __init__(
+        self, network: nn.Module, fingerprint: Fingerprint, *, precision: CpuPrecision, threads: int,
+        cache_dir: Path | None = None,
+    ) -> None:
+        import openvino as ov
+
+        if precision == "bf16" and not native_bf16():
+            raise ValueError("precision 'bf16' on this CPU would be emulated (no AVX512_BF16 or AMX); use fp32")
+        self.precision = precision
+        self.converted_now = False
+        model = self._read(cache_dir, fingerprint) if cache_dir is not None else None
+        if model is None:
+            model = self._convert(network, fingerprint)
+            self.converted_now = True
+            if cache_dir is not None:
+                self._write(model, cache_dir, fingerprint)
+        # Precision is a compile-time choice: OpenVINO's default on a bf16 CPU is bf16, so fp32 is
+        # asked for explicitly. LATENCY: one stream over all the threads, for one batch at a time.
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        self._compiled = ov.Core().compile_model(model, "CPU", config)
+        self._request = self._compiled.create_infer_request()
+
+    @staticmethod
+    def _convert(network: nn.Module, fingerprint: Fingerprint) -> object:
+        import openvino as ov
+
+        width, height = fingerprint.preprocessing.size
+        example = torch.zeros((2, 3, height, width), dtype=torch.uint8)
+        with torch.no_grad():
+            model = ov.convert_model(network, example_input=example)
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, height, width])})  # any batch size
+        return model
+
+    @staticmethod
+    def _read(cache_dir: Path, fingerprint: Fingerprint) -> object | None:
+        import openvino as ov
+
+        xml = cache_dir / f"{cache_key(fingerprint)}.xml"
+        if not xml.is_file():
+            return None
+        try:
+            return ov.Core().read_model(str(xml))
+        except RuntimeError as exc:  # a truncated or foreign file: convert again and replace it
+            log.warning("converted network %s is unreadable (%s); converting again", xml, exc)
+            return None
+
+    @staticmethod
+    def _write(model: object, cache_dir: Path, fingerprint: Fingerprint) -> None:
+        """Save next to the final name, then rename (weights first), so a reader never sees half a file."""
+        import openvino as ov
+
+        key = cache_key(fingerprint)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_dir / f".{key}.{os.getpid()}.xml"
+            ov.save_model(model, str(tmp), compress_to_fp16=False)  # the weights stay exactly fp32
+            os.replace(tmp.with_suffix(".bin"), cache_dir / f"{key}.bin")
+            os.replace(tmp, cache_dir / f"{key}.xml")
+        except OSError as exc:  # a read-only or full disk costs the next start a conversion, no more
+            log.warning("could not keep the converted network in %s (%s); it is converted at every start",
+                        cache_dir, exc)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        # share_inputs: OpenVINO reads the tensor's memory in place; the output is copied out of
+        # the request's buffer, which the next inference overwrites.
+        array = np.ascontiguousarray(pixels.numpy())
+        result = self._request.infer({0: array}, share_inputs=True)
+        return torch.from_numpy(result[self._compiled.outputs[0]])

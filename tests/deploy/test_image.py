@@ -117,11 +117,15 @@ def test_a_code_only_change_rebuilds_only_the_small_last_layers(image, tmp_path)
 
 def sandbox(root: str, catalog_dir: Path, user: str, argv: list[str], env: dict[str, str]) -> list[str]:
     """``argv`` in the image's root filesystem as ``user``: a private mount namespace where the root
-    is read-only, /scratch a fresh tmpfs owned by the user, and /catalog the catalogue, read-only."""
+    is read-only, /dev a read-only tmpfs with the five character devices a process expects,
+    /scratch a fresh tmpfs owned by the user, and /catalog the catalogue, read-only."""
     script = (
         'set -e; r="$1"; catalog="$2"; user="$3"; shift 3; '
         'mount --bind "$r" "$r"; mount -o remount,bind,ro "$r"; '
-        'mount -t proc proc "$r/proc"; mount --rbind /dev "$r/dev"; '
+        'mount -t proc proc "$r/proc"; '
+        'mount -t tmpfs -o mode=0755,size=64k dev "$r/dev"; '
+        'for d in null zero full random urandom; do touch "$r/dev/$d"; mount --bind "/dev/$d" "$r/dev/$d"; done; '
+        'mount -o remount,ro "$r/dev"; '
         f'mount -t tmpfs -o mode=0700,uid={UID},gid={UID},size=256m scratch "$r/scratch"; '
         'mount --bind "$catalog" "$r/catalog"; mount -o remount,bind,ro "$r/catalog"; '
         'exec chroot --userspec="$user" "$r" /usr/bin/env -i --chdir=/scratch "$@"'
@@ -186,10 +190,11 @@ async def test_as_uid_10001_on_a_read_only_root_the_image_consumes_photos_and_pu
 
     who = svc.run("python", "-c", "import os; print(os.getuid(), os.getgid())")
     assert who.stdout.split() == [str(UID), str(UID)], who.stderr
+    # Which paths UID 10001 can create a file in: errno 30 is EROFS, so only /scratch is writable.
+    tried = ["/scratch/x", "/opt/venv/x", "/tmp/x", "/catalog/x", "/dev/x"]
     writes = svc.run("python", "-c", "import sys\nfor p in sys.argv[1:]:\n try: open(p, 'w').close(); print(p)\n"
-                     " except OSError as e: print(p, e.errno)", "/scratch/x", "/opt/venv/x", "/tmp/x", "/catalog/x")
-    assert writes.stdout.split("\n")[:4] == ["/scratch/x", "/opt/venv/x 30", "/tmp/x 30", "/catalog/x 30"], writes
-    # errno 30 is EROFS: the root and the catalogue are read-only, /scratch is not
+                     " except OSError as e: print(p, e.errno)", *tried)
+    assert writes.stdout.splitlines() == [tried[0], *(f"{p} 30" for p in tried[1:])], writes
 
     items = P.store_photos()[::10]  # five real photos, one per product folder stride
     sent = await produce(broker.bootstrap, topics.input, [path.read_bytes() for path, _ in items],

@@ -85,15 +85,18 @@ FORCE:
 # no Docker engine here: Debian's podman builds with chroot isolation, on a Debian base that
 # mmdebstrap makes from Debian's packages (python:3.11-slim cannot be pulled here), passed as the
 # PYTHON_IMAGE build argument, so the public default stays. The wheels come from the uv cache
-# that `make install` fills, bind-mounted into the build. Stamps make a rerun a no-op; a stamp
-# whose image went missing (podman rmi) is rebuilt. tests/deploy/test_image.py reads the stamps.
+# that `make install` fills, bind-mounted into the build. The stamps hold the image ids (the tags
+# are shared by every checkout on the machine) and make a rerun a no-op; tests/deploy/test_image.py
+# reads them.
 IMAGE_OUT := out/image
 IMAGE_BASE_SUITE := bookworm
 IMAGE_BASE := localhost/shelfmatch-base:$(IMAGE_BASE_SUITE)
 IMAGE := localhost/shelfmatch:dev
 IMAGE_SOURCES := Dockerfile .dockerignore pyproject.toml requirements.lock README.md \
 	$(shell find catalog consumer -name '*.py' 2>/dev/null)
-PODMAN_BUILD = podman build --isolation=chroot --format docker --build-arg PYTHON_IMAGE=$(IMAGE_BASE) \
+# The base by the id its stamp recorded (as tests/deploy/test_image.py rebuilds it), not by its tag,
+# which another checkout on the same machine may have moved.
+PODMAN_BUILD = podman build --isolation=chroot --format docker --build-arg PYTHON_IMAGE=$$(cat $(IMAGE_OUT)/base.id) \
 	-v "$$($(BIN)/uv cache dir)":/root/.cache/uv
 
 # Installs the builders when missing (CI runs as root on a clean Debian machine like this one).
@@ -101,9 +104,11 @@ image-tools:
 	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman mmdebstrap; }
 
+# A stamp whose image is gone (podman rmi, prune) is rebuilt; checked only when an image is wanted.
 ifneq ($(filter image test,$(MAKECMDGOALS)),)
-IMAGE_BASE_GONE := $(if $(shell podman image exists $(IMAGE_BASE) 2>/dev/null && echo y),,FORCE)
-IMAGE_GONE := $(if $(shell podman image exists $(IMAGE) 2>/dev/null && echo y),,FORCE)
+image_gone = $(if $(shell podman image exists "$$(cat $(1) 2>/dev/null)" 2>/dev/null && echo y),,FORCE)
+IMAGE_BASE_GONE := $(call image_gone,$(IMAGE_OUT)/base.id)
+IMAGE_GONE := $(call image_gone,$(IMAGE_OUT)/image.id)
 endif
 
 $(IMAGE_OUT)/base.id: scripts/image-base $(IMAGE_BASE_GONE) | image-tools

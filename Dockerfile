@@ -21,8 +21,9 @@
 ARG PYTHON_IMAGE=python:3.11-slim-trixie
 
 # ---------------------------------------------------------------------------------------------
-# build: a virtual environment in /opt/venv with shelfmatch and its pinned dependencies
-FROM ${PYTHON_IMAGE} AS build
+# deps: a virtual environment in /opt/venv with the pinned dependencies, and nothing of ours.
+# It is its own stage so that the runtime copies it as one layer that a code change never touches.
+FROM ${PYTHON_IMAGE} AS deps
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -40,12 +41,9 @@ RUN pip install --no-cache-dir "uv==${UV_VERSION}" \
     && uv venv --python /usr/local/bin/python3 /opt/venv
 
 WORKDIR /src
-COPY pyproject.toml requirements.lock README.md ./
-COPY catalog/ catalog/
-COPY consumer/ consumer/
+COPY pyproject.toml requirements.lock ./
 
-# Install, then prove that every installed distribution is the version the lock pins
-# (the CPU wheels carry a "+cpu" local version, which is the same release).
+# `-r pyproject.toml` installs the project's dependencies without the project (no code needed yet).
 RUN --mount=type=cache,target=/root/.cache/uv \
     case "${VARIANT}" in \
       cuda) ;; \
@@ -53,13 +51,35 @@ RUN --mount=type=cache,target=/root/.cache/uv \
       *)    echo "VARIANT must be cuda or cpu, not '${VARIANT}'" >&2; exit 2 ;; \
     esac \
     && uv pip install --python /opt/venv/bin/python \
-         --constraints requirements.lock --no-editable . \
+         --constraints requirements.lock -r pyproject.toml
+
+# ---------------------------------------------------------------------------------------------
+# build: shelfmatch itself on top, checked against the lock. The files its installed distribution
+# lists (and their bytecode) are copied under /opt/code for the runtime's small, last layer
+# (python -I, so that the source tree's egg-info in /src is not the distribution it reads).
+FROM deps AS build
+
+# (inherited from deps; repeated so that hadolint sees it)
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+COPY README.md ./
+COPY catalog/ catalog/
+COPY consumer/ consumer/
+
+# Install, then prove that every installed distribution is the version the lock pins
+# (the CPU wheels carry a "+cpu" local version, which is the same release).
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv pip install --python /opt/venv/bin/python --no-deps --no-editable . \
     && uv pip check --python /opt/venv/bin/python \
     && uv pip freeze --python /opt/venv/bin/python --exclude-editable \
          | grep -v '^shelfmatch' | sed 's/+cpu$//' > /tmp/installed.txt \
     && if grep -vxF -f requirements.lock /tmp/installed.txt; then \
          echo "the distributions above are not pinned by requirements.lock" >&2; exit 1; \
-       fi
+       fi \
+    && mkdir /opt/code \
+    && /opt/venv/bin/python -I -c 'import importlib.metadata as md, importlib.util as iu, os; paths = [os.path.normpath(f.locate()) for f in md.distribution("shelfmatch").files]; paths += [iu.cache_from_source(p) for p in paths if p.endswith(".py")]; print("\n".join(p.lstrip("/") for p in paths if os.path.isfile(p)))' \
+         | tar -C / -cf - -T - | tar -C /opt/code -xf - \
+    && test -x /opt/code/opt/venv/bin/shelfmatch
 
 # ---------------------------------------------------------------------------------------------
 # weights: optionally bake torchvision ImageNet checkpoints into /opt/torch (read-only at run
@@ -96,8 +116,11 @@ RUN groupadd --system --gid 10001 shelfmatch \
     && mkdir -p /scratch /catalog \
     && chown 10001:10001 /scratch
 
-COPY --from=build /opt/venv /opt/venv
+# Largest and least often changed first: the dependencies (GBs), the optional weights, then our code
+# (well under 1 MB), so that a code-only change rebuilds and ships only the last layer.
+COPY --from=deps /opt/venv /opt/venv
 COPY --from=weights /opt/torch /opt/torch
+COPY --from=build /opt/code/ /
 
 # TORCH_HOME is read-only: weights are baked (BAKE_WEIGHTS) or come from SHELFMATCH_WEIGHTS=PATH.
 # To let a pod download them at start instead, set TORCH_HOME=/scratch/torch.

@@ -7,6 +7,7 @@
 #   make lock                                         re-pin requirements.lock from pyproject.toml
 #   make tools                                        build the deployment checkers once into .cache/tools/
 #   make chart-sync                                   copy deploy/grafana/shelfmatch.json into the Helm chart
+#   make image                                        build the Dockerfile for real with podman (tests/deploy/test_image.py)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ MODEL ?= efficientnet_lite0
 UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync FORCE
+.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync image image-tools FORCE
 
 # The virtual environment is rebuilt when the pinned dependencies change. uv keeps one copy of
 # each wheel in its cache (~/.cache/uv), so a fresh clone installs torch in seconds, not minutes.
@@ -36,7 +37,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install tools lint
+test: install tools lint image
 	$(BIN)/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 kafka-start:
@@ -90,6 +91,47 @@ $(TOOLS)/.promtool-$(PROMTOOL_MODULE_VERSION): $(if $(wildcard $(TOOLS)/promtool
 tools: $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION) $(TOOLS)/.promtool-$(PROMTOOL_MODULE_VERSION)
 
 FORCE:
+
+# The image, built for real from the Dockerfile (docs/operations.md, "Build the image"). There is
+# no Docker engine here: Debian's podman builds with chroot isolation, on a Debian base that
+# mmdebstrap makes from Debian's packages (python:3.11-slim cannot be pulled here), passed as the
+# PYTHON_IMAGE build argument, so the public default stays. The wheels come from the uv cache
+# that `make install` fills, bind-mounted into the build. The stamps hold the image ids (the tags
+# are shared by every checkout on the machine) and make a rerun a no-op; tests/deploy/test_image.py
+# reads them.
+IMAGE_OUT := out/image
+IMAGE_BASE_SUITE := bookworm
+IMAGE_BASE := localhost/shelfmatch-base:$(IMAGE_BASE_SUITE)
+IMAGE := localhost/shelfmatch:dev
+IMAGE_SOURCES := Dockerfile .dockerignore pyproject.toml requirements.lock README.md \
+	$(shell find catalog consumer -name '*.py' 2>/dev/null)
+# The base by the id its stamp recorded (as tests/deploy/test_image.py rebuilds it), not by its tag,
+# which another checkout on the same machine may have moved.
+PODMAN_BUILD = podman build --isolation=chroot --format docker --build-arg PYTHON_IMAGE=$$(cat $(IMAGE_OUT)/base.id) \
+	-v "$$($(BIN)/uv cache dir)":/root/.cache/uv
+
+# Installs the builders when missing (CI runs as root on a clean Debian machine like this one).
+image-tools:
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman mmdebstrap; }
+
+# A stamp whose image is gone (podman rmi, prune) is rebuilt; checked only when an image is wanted.
+ifneq ($(filter image test,$(MAKECMDGOALS)),)
+image_gone = $(if $(shell podman image exists "$$(cat $(1) 2>/dev/null)" 2>/dev/null && echo y),,FORCE)
+IMAGE_BASE_GONE := $(call image_gone,$(IMAGE_OUT)/base.id)
+IMAGE_GONE := $(call image_gone,$(IMAGE_OUT)/image.id)
+endif
+
+$(IMAGE_OUT)/base.id: scripts/image-base $(IMAGE_BASE_GONE) | image-tools
+	@mkdir -p $(IMAGE_OUT)
+	scripts/image-base $(IMAGE_BASE_SUITE) $(IMAGE_BASE) $(IMAGE_OUT)
+	podman image inspect --format '{{.Id}}' $(IMAGE_BASE) > $@
+
+$(IMAGE_OUT)/image.id: $(IMAGE_OUT)/base.id $(IMAGE_SOURCES) $(BIN)/.installed $(IMAGE_GONE) | image-tools
+	@start=$$(date +%s); $(PODMAN_BUILD) --iidfile $@.tmp -t $(IMAGE) . && mv $@.tmp $@ \
+		&& echo "image $(IMAGE) built in $$(( $$(date +%s) - start )) s"
+
+image: $(IMAGE_OUT)/image.id
 
 # The dashboard's one source is deploy/grafana/shelfmatch.json; the chart carries a copy
 # (helm packages no symlinks), and tests/deploy fails when the two differ.

@@ -1,6 +1,6 @@
 """The container image definition: hadolint, and the properties the chart and the service rely on.
 
-No Docker engine runs here, so the image itself is not built by the tests; see docs/operations.md.
+The image itself is built and smoke-tested by tests/deploy/test_image.py (make image, podman).
 """
 from __future__ import annotations
 

@@ -120,6 +120,9 @@ class Catalog:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata={"shelfmatch": json.dumps(meta)})
+        # safetensors creates files 0600: a catalogue built as root would be unreadable by the
+        # service's own user (UID 10001 in the image). A catalogue is not a secret.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
     @classmethod
@@ -127,6 +130,9 @@ class Catalog:
         path = Path(path)
         if not path.is_file():
             raise CatalogFileError(f"catalogue file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise CatalogFileError(f"catalogue file {path} is not readable by this user (uid {os.getuid()}): "
+                                   f"check its mode and owner")
         try:
             from safetensors import safe_open
 

@@ -175,8 +175,7 @@ async def test_as_uid_10001_on_a_read_only_root_the_image_consumes_photos_and_pu
     catalog_dir = tmp_path / "catalog"
     catalog_dir.mkdir()
     catalog = catalog_dir / "catalog.safetensors"  # the image's default path
-    shutil.copyfile(grocery_catalog[1], catalog)
-    catalog.chmod(0o444)  # safetensors writes 0600 as root; UID 10001 must read it
+    shutil.copy(grocery_catalog[1], catalog)  # with the mode Catalog.save gave it: UID 10001 must read it
     svc = ImageService(rootfs, image["Config"], catalog_dir, {
         "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
         "SHELFMATCH_GROUP_ID": topics.group,

@@ -24,6 +24,13 @@ def test_round_trip_keeps_everything(tmp_path):
     assert loaded.calibration == Calibration(0.8, 0.03)
 
 
+def test_saved_file_is_readable_by_other_users(tmp_path):
+    """safetensors alone writes 0600: a catalogue built as root must still load as UID 10001."""
+    path = tmp_path / "c.safetensors"
+    random_catalog(products=2, refs_per_product=1).save(path)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_version_is_a_content_hash():
     a = random_catalog(products=5, refs_per_product=1, seed=0)
     b = random_catalog(products=5, refs_per_product=1, seed=0)

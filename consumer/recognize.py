@@ -1,0 +1,348 @@
+"""Stage 4, recognition: facings are the unit of micro-batching.
+
+A photo matched whole is one unit (its pixels at the model's size); a photo with regions is one
+unit per facing, cut from its frame on the model's device (:func:`consumer.facings.crop`). Inside
+the stage, three steps run as tasks of one TaskGroup, joined by bounded queues:
+
+====================  =================================  ======================================
+step                  reads                              writes
+====================  =================================  ======================================
+``cut``               ``ReadyBatch``                     ``Unit`` per facing; the batch's ``Job``
+``batches``           ``Unit``                           ``list[Unit]`` of up to the batch size
+``recognize``         ``list[Unit]``                     each unit's ``Match``, on its ``Job``
+``assemble``          ``Job`` (in fetch order)           ``Outcome`` once all its units matched
+====================  =================================  ======================================
+
+Units of every photo go through the same size-or-timeout batcher, so a frame of 40 facings
+spans two batches of 32, and its last 8 facings share a batch with the next photos. A photo's
+event is made when its last facing is matched, and a batch's :class:`Outcome` (its events and
+dead letters, and the offsets to commit after them) when all its photos are: offsets still move
+only after the events are acknowledged (stages 5 and 6), in fetch order.
+
+Each input batch is matched against the catalogue serving when it is cut (``Job.serving``), so a
+photo's facings all name one catalogue even when a swap lands between two model batches.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import torch
+from aiokafka import TopicPartition
+
+from catalog.matcher import Match, Verdict
+from catalog.planogram import EMPTY_SKU
+from consumer.batcher import batches
+from consumer.delivery import Outcome, OutRecord
+from consumer.facings import Facing, crop
+from consumer.messages import (
+    FACING_STATUSES,
+    Box,
+    Candidate,
+    ComplianceEvent,
+    FacingResult,
+    FacingStatus,
+    FrameSummary,
+    Latency,
+    MatchEvent,
+    Photo,
+    PlanogramRef,
+    Source,
+    dead_letter_headers,
+    event_id,
+)
+from consumer.metrics import Metrics
+from consumer.source import DecodedPhoto, Poison
+from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
+
+if TYPE_CHECKING:
+    from consumer.pipeline import ReadyBatch, Recognizer, Serving, Topics
+
+
+@dataclass
+class PhotoWork:
+    """One decoded photo on its way: a match per unit, filled in as model batches finish."""
+
+    photo: DecodedPhoto
+    matches: list[Match | None]
+    embed_s: float = 0.0
+    match_s: float = 0.0
+    model_batch: int = 0  # units in the last model batch that carried one of its units
+
+
+@dataclass
+class Job:
+    """An input batch in recognition: its photos, the catalogue they are matched against, and
+    a future that completes when the last of their units is matched."""
+
+    ready: ReadyBatch
+    serving: Serving
+    photos: list[PhotoWork]
+    remaining: int
+    done: asyncio.Future[None] = field(repr=False)
+
+    def unit_done(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One image for the model: a whole photo (``facing`` None) or one facing of a frame."""
+
+    job: Job
+    work: PhotoWork
+    index: int
+    facing: Facing | None
+
+
+async def process_units(
+    inq: asyncio.Queue[ReadyBatch | EndOfStream], outq: asyncio.Queue[Outcome | EndOfStream], *,
+    recognizer: Recognizer, model_pool: Executor, topics: Topics, metrics: Metrics, max_dead_letter_bytes: int,
+    batch_size: int, batch_max_wait_s: float,
+) -> None:
+    """Stage 4: cut, batch, embed and match units; put each input batch's Outcome on ``outq``."""
+    units: asyncio.Queue[Unit | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.fetched(batch_size))
+    unit_batches: asyncio.Queue[list[Unit] | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.ready)
+    jobs: asyncio.Queue[Job | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.batched + QUEUE_DEPTHS.processed)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(cut(inq, units, jobs, recognizer=recognizer), name="cut")
+        tg.create_task(batches(units, unit_batches, max_size=batch_size, max_wait_s=batch_max_wait_s),
+                       name="unit-batch")
+        tg.create_task(recognize(unit_batches, recognizer=recognizer, model_pool=model_pool, metrics=metrics),
+                       name="recognize")
+        tg.create_task(assemble(jobs, outq, topics=topics, metrics=metrics,
+                                max_dead_letter_bytes=max_dead_letter_bytes), name="assemble")
+
+
+async def cut(
+    inq: asyncio.Queue[ReadyBatch | EndOfStream], units: asyncio.Queue[Unit | EndOfStream],
+    jobs: asyncio.Queue[Job | EndOfStream], *, recognizer: Recognizer,
+) -> None:
+    """Turn each input batch into its units, in order; hand its Job to ``assemble`` first, so
+    that the batch's outcome is awaited in fetch order."""
+    loop = asyncio.get_running_loop()
+    while not isinstance(ready := await inq.get(), EndOfStream):
+        photos = [PhotoWork(d, [None] * (len(d.regions.facings) if d.regions else 1))
+                  for d in ready.decoded if isinstance(d, DecodedPhoto)]
+        total = sum(len(p.matches) for p in photos)
+        job = Job(ready=ready, serving=recognizer.serving, photos=photos, remaining=total, done=loop.create_future())
+        if total == 0:
+            job.done.set_result(None)
+        await jobs.put(job)
+        for work in photos:
+            facings: tuple[Facing | None, ...] = work.photo.regions.facings if work.photo.regions else (None,)
+            for i, facing in enumerate(facings):
+                await units.put(Unit(job=job, work=work, index=i, facing=facing))
+    await units.put(END)
+    await jobs.put(END)
+
+
+def _groups(batch: list[Unit]) -> Iterator[list[Unit]]:
+    """Consecutive units of one photo (a frame's facings are cut together)."""
+    start = 0
+    for i in range(1, len(batch) + 1):
+        if i == len(batch) or batch[i].work is not batch[start].work:
+            yield batch[start:i]
+            start = i
+
+
+def embed_units(recognizer: Recognizer, batch: list[Unit]) -> tuple[torch.Tensor, float]:
+    """Cut the facings of a batch on the model's device and embed every unit in one forward
+    pass (runs on the model thread). Returns the vectors, in unit order, and the seconds taken."""
+    start = time.perf_counter()
+    embedder = recognizer.embedder
+    images: list[torch.Tensor] = []
+    for group in _groups(batch):
+        pixels = group[0].work.photo.pixels
+        if group[0].facing is None:
+            images.extend(u.work.photo.pixels.to(embedder.device) for u in group)
+        else:
+            images.extend(crop(pixels, [u.facing for u in group if u.facing is not None], embedder.input_size,
+                               embedder.device).unbind(0))
+    vectors = embedder.embed(torch.stack(images))
+    if vectors.device.type == "cuda":
+        torch.cuda.synchronize(vectors.device)
+    return vectors, time.perf_counter() - start
+
+
+def match_units(batch: list[Unit], vectors: torch.Tensor) -> float:
+    """Match each unit against its own job's catalogue (usually one for the whole batch)."""
+    start = time.perf_counter()
+    by_serving: dict[int, list[int]] = {}
+    for i, u in enumerate(batch):
+        by_serving.setdefault(id(u.job.serving), []).append(i)
+    for rows in by_serving.values():
+        matches = batch[rows[0]].job.serving.matcher.match(vectors[rows])
+        for i, m in zip(rows, matches, strict=True):
+            batch[i].work.matches[batch[i].index] = m
+    return time.perf_counter() - start
+
+
+async def recognize(
+    inq: asyncio.Queue[list[Unit] | EndOfStream], *, recognizer: Recognizer, model_pool: Executor, metrics: Metrics,
+) -> None:
+    """Embed and match each batch of units on the model thread; mark the units done."""
+    loop = asyncio.get_running_loop()
+
+    def run(batch: list[Unit]) -> tuple[float, float]:
+        vectors, embed_s = embed_units(recognizer, batch)
+        return embed_s, match_units(batch, vectors)
+
+    while not isinstance(batch := await inq.get(), EndOfStream):
+        embed_s, match_s = await loop.run_in_executor(model_pool, run, batch)
+        metrics.stage.labels("embed").observe(embed_s)
+        metrics.stage.labels("match").observe(match_s)
+        seen: set[int] = set()
+        for u in batch:
+            if id(u.work) not in seen:
+                seen.add(id(u.work))
+                u.work.embed_s += embed_s
+                u.work.match_s += match_s
+                u.work.model_batch = len(batch)
+            u.job.unit_done()
+
+
+async def assemble(
+    inq: asyncio.Queue[Job | EndOfStream], outq: asyncio.Queue[Outcome | EndOfStream], *, topics: Topics,
+    metrics: Metrics, max_dead_letter_bytes: int,
+) -> None:
+    """Wait for each job in turn, then build its outcome (events in input order)."""
+    while not isinstance(job := await inq.get(), EndOfStream):
+        await job.done
+        ready = job.ready
+        metrics.batch_size.observe(len(ready.received))
+        for r, d in zip(ready.received, ready.decoded, strict=True):
+            metrics.stage.labels("batch_wait").observe(ready.closed - r.arrived)
+            if isinstance(d, DecodedPhoto):
+                metrics.stage.labels("decode").observe(d.decode_s)
+        await outq.put(build_outcome(job, topics=topics, max_dead_letter_bytes=max_dead_letter_bytes))
+    await outq.put(END)
+
+
+def facing_status(expected: str | None, m: Match) -> FacingStatus:
+    """The status of one facing.
+
+    - ``empty``: the best match is the reserved empty-shelf entry (:data:`catalog.planogram.EMPTY_SKU`)
+      and it passes the threshold;
+    - ``unknown``: the best match is under the threshold, or too close to the runner-up (min margin);
+    - ``ok``: the best match is the expected product (or, with no expected product, any product);
+    - ``wrong-product``: a confident match for another product than the expected one.
+    """
+    sku, _ = m.best
+    if m.verdict is not Verdict.MATCH:
+        return "unknown"
+    if sku == EMPTY_SKU:
+        return "empty"
+    if expected is None or sku == expected:
+        return "ok"
+    return "wrong-product"
+
+
+def summarise(facings: list[FacingResult]) -> FrameSummary:
+    """Counts per status, the compliance score and the share of shelf of a frame."""
+    counts = Counter(f.status for f in facings)
+    expected = [f for f in facings if f.expected_sku is not None]
+    recognised = Counter(f.best.sku for f in facings if f.status in ("ok", "wrong-product"))
+    total = sum(recognised.values())
+    return FrameSummary(
+        facings=len(facings),
+        counts={s: counts.get(s, 0) for s in FACING_STATUSES},
+        compliance=round(sum(f.status == "ok" for f in expected) / len(expected), 4) if expected else None,
+        share_of_shelf={sku: round(n / total, 4) for sku, n in recognised.most_common()},
+    )
+
+
+def _facing_result(facing: Facing, m: Match) -> FacingResult:
+    r = facing.region
+    scores = dict(m.candidates)
+    best_sku, best_score = m.best
+    return FacingResult(
+        slot=facing.slot, box_id=facing.box_id, region=Box(x0=r.x0, y0=r.y0, x1=r.x1, y1=r.y1),
+        expected_sku=facing.expected_sku, status=facing_status(facing.expected_sku, m),
+        best=Candidate(sku=best_sku, score=best_score), margin=m.margin,
+        expected_score=scores.get(facing.expected_sku) if facing.expected_sku is not None else None,
+        candidates=[Candidate(sku=s, score=v) for s, v in m.candidates],
+    )
+
+
+def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Outcome:
+    """Turn a recognised input batch into output records, in input order, plus its commit
+    offsets: a MatchEvent per whole photo, a ComplianceEvent per photo with regions, a dead
+    letter per poison record."""
+    ready, serving = job.ready, job.serving
+    records: list[OutRecord] = []
+    offsets: dict[TopicPartition, int] = {}
+    works = iter(job.photos)
+    now = datetime.now(UTC)
+    created = time.monotonic()
+    for received, result in zip(ready.received, ready.decoded, strict=True):
+        rec = received.record
+        tp = TopicPartition(rec.topic, rec.partition)
+        offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+        if isinstance(result, Poison):
+            value = rec.value or b""
+            truncated = len(value) if len(value) > max_dead_letter_bytes else None
+            records.append(OutRecord(
+                source=tp, topic=topics.dead_letter, value=value[:max_dead_letter_bytes], key=rec.key,
+                headers=dead_letter_headers(
+                    list(rec.headers), reason=result.reason, error=result.error, topic=rec.topic,
+                    partition=rec.partition, offset=rec.offset, truncated_from=truncated,
+                    first_offset=result.first_offset,
+                ),
+                source_timestamp_ms=rec.timestamp, dead_letter=result.reason,
+            ))
+            continue
+        work = next(works)
+        matches = [m for m in work.matches if m is not None]
+        assert len(matches) == len(work.matches), "an event was built before all its facings were matched"
+        common: dict[str, Any] = dict(
+            event_id=event_id(rec.topic, rec.partition, rec.offset),
+            source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
+            photo=Photo(width=result.width, height=result.height, **result.fields),
+            catalog=serving.ref, threshold=serving.matcher.threshold, min_margin=serving.matcher.min_margin,
+            latency_ms=Latency(
+                decode=round(result.decode_s * 1e3, 3),
+                batch_wait=round((ready.closed - received.arrived) * 1e3, 3),
+                embed=round(work.embed_s * 1e3, 3),
+                match=round(work.match_s * 1e3, 3),
+                pipeline=round((created - received.arrived) * 1e3, 3),
+            ),
+            processed_at=now,
+        )
+        event: MatchEvent | ComplianceEvent
+        statuses: tuple[tuple[str, int], ...] = ()
+        if result.regions is None:
+            m = matches[0]
+            best_sku, best_score = m.best
+            event = MatchEvent(
+                verdict=m.verdict.value, best=Candidate(sku=best_sku, score=best_score), margin=m.margin,
+                candidates=[Candidate(sku=s, score=v) for s, v in m.candidates], batch_size=work.model_batch,
+                **common,
+            )
+            verdict: str = m.verdict.value
+        else:
+            regions = result.regions
+            facings = [_facing_result(f, m) for f, m in zip(regions.facings, matches, strict=True)]
+            statuses = tuple(Counter(f.status for f in facings).items())
+            planogram = regions.planogram
+            event = ComplianceEvent(
+                regions_from=regions.origin, facings=facings, summary=summarise(facings),
+                planogram=PlanogramRef(camera_id=planogram.camera_id, version=planogram.version)
+                if planogram is not None else None,
+                **common,
+            )
+            verdict = "compliance"
+        records.append(OutRecord(
+            source=tp, topic=topics.output, value=event.model_dump_json().encode(), key=rec.key,
+            headers=[("content-type", b"application/json")], source_timestamp_ms=rec.timestamp,
+            verdict=verdict, facings=statuses,
+        ))
+    return Outcome(records=records, offsets=offsets, photos=len(ready.received))

@@ -24,3 +24,12 @@ class ImageRejected(CatalogError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class PlanogramError(CatalogError):
+    """A planogram cannot be used; ``reason`` is a stable code (see ``catalog.planogram.PlanogramReason``),
+    bounded, so it can label a metric."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = str(reason)

@@ -6,7 +6,8 @@ with a JSON document under the metadata key ``shelfmatch``::
 
     {"format": "shelfmatch-catalog/1", "version": "<12 hex>", "created_at": "<RFC 3339>",
      "fingerprint": {...}, "weights_source": "imagenet", "skus": [...], "references": [...],
-     "references_base": "catalog", "calibration": {"threshold": 0.9, "min_margin": 0.02} | null}
+     "references_base": "catalog", "calibration": {"threshold": 0.9, "min_margin": 0.02} | null,
+     "compliance": {"min_lead": -0.05, "min_score": 0.5, "empty_margin": 0.0, "unknown_below": 0.3} | null}
 
 and, when a projection head was trained (``shelfmatch catalog train-head``), its weights as
 ``head.*`` tensors; the fingerprint then names the head's content hash.
@@ -47,6 +48,17 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class ComplianceCalibration:
+    """Operating point of planogram verification (see :mod:`catalog.compliance` for the rule);
+    chosen by ``shelfmatch catalog calibrate-compliance`` on labelled shelf frames."""
+
+    min_lead: float  # the expected product must lead the best other product by this (may be < 0)
+    min_score: float  # and score at least this, else the facing is not ``ok``
+    empty_margin: float = 0.0  # the reserved empty entry must beat the best product by this
+    unknown_below: float = -1.0  # best product score below this: ``unknown`` rather than ``wrong-product``
+
+
+@dataclass(frozen=True)
 class Catalog:
     embeddings: np.ndarray  # float32 (rows, dim), unit rows
     row_sku: np.ndarray  # int32 (rows,), index into skus
@@ -57,6 +69,7 @@ class Catalog:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     calibration: Calibration | None = None
     head_state: dict[str, np.ndarray] | None = None  # projection head weights, when trained
+    compliance: ComplianceCalibration | None = None  # planogram verification's operating point
 
     def __post_init__(self) -> None:
         rows, dim = self.embeddings.shape
@@ -97,6 +110,7 @@ class Catalog:
             "references": [_relative_to(ref, path.parent) for ref in self.references],
             "references_base": "catalog",
             "calibration": None if self.calibration is None else vars(self.calibration),
+            "compliance": None if self.compliance is None else vars(self.compliance),
         }
         tensors = {
             "embeddings": np.ascontiguousarray(self.embeddings, dtype=np.float32),
@@ -130,6 +144,7 @@ class Catalog:
             if meta.get("format") != FORMAT:
                 raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
             calibration = meta.get("calibration")
+            compliance = meta.get("compliance")
             head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
             catalog = cls(
                 embeddings=tensors["embeddings"],
@@ -144,6 +159,7 @@ class Catalog:
                 created_at=meta["created_at"],
                 calibration=None if calibration is None else Calibration(**calibration),
                 head_state=head or None,
+                compliance=None if compliance is None else ComplianceCalibration(**compliance),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CatalogFileError(f"{path} is not a readable catalogue: {type(exc).__name__}: {exc}") from exc
@@ -169,6 +185,10 @@ class Catalog:
             "calibration  "
             + ("none" if cal is None else f"threshold {cal.threshold:.3f}, min margin {cal.min_margin:.3f}"),
         ]
+        if self.compliance is not None:
+            c = self.compliance
+            lines.append(f"compliance   min lead {c.min_lead:.3f}, min score {c.min_score:.3f}, "
+                         f"empty margin {c.empty_margin:.3f}, unknown below {c.unknown_below:.3f}")
         return "\n".join(lines)
 
 

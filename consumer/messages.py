@@ -192,8 +192,11 @@ class FacingResult(_Model):
     expected_sku: str | None = Field(description="the planogram's product for the slot; null without one")
     status: FacingStatus = Field(description="ok | wrong-product | empty | unknown (see the README)")
     best: Candidate
-    margin: float = Field(description="best score minus the runner-up's")
-    expected_score: float | None = Field(description="the expected product's score, when it is among the candidates")
+    margin: float | None = Field(
+        description="the expected product's score minus the best other product's (the verification's lead); "
+        "null without an expected product in the catalogue")
+    expected_score: float | None = Field(description="the expected product's score; null without one")
+    empty_score: float | None = Field(description="the score of the reserved empty-shelf entry; null without one")
     candidates: list[Candidate] = Field(description="top-k products, best first")
 
 
@@ -206,9 +209,11 @@ class FrameSummary(_Model):
     facings: int
     counts: dict[FacingStatus, int] = Field(description="facings per status (every status present, 0 included)")
     compliance: float | None = Field(
-        description="ok / facings with an expected product; null when no facing has one")
+        description="ok / (facings - unknown): the share of the facings that could be judged that hold the "
+        "right product; null when none could")
     share_of_shelf: dict[str, float] = Field(
-        description="per recognised product (ok or wrong-product facings), its share of those facings")
+        description="per product shown (the expected one for ok, the best other for wrong-product), its share of "
+        "the facings that show a product")
 
 
 class ComplianceEvent(_Model):

@@ -57,7 +57,7 @@ from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
 from catalog.models import Fingerprint
 from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
-from catalog.store import Calibration, Catalog
+from catalog.store import Calibration, Catalog, ComplianceCalibration
 from consumer.batcher import batches
 from consumer.delivery import Outcome, PartitionOwner, Sink, commit_in_order, publish
 from consumer.facings import Frames
@@ -97,6 +97,7 @@ class Serving:
     ref: CatalogRef
     fingerprint: Fingerprint
     calibration: Calibration | None
+    compliance: ComplianceCalibration | None  # the operating point of facing verdicts (None: the default rule)
     products: int
     references: int
 
@@ -104,7 +105,8 @@ class Serving:
     def of(cls, catalog: Catalog, matcher: Matcher) -> Serving:
         fp = catalog.fingerprint
         return cls(matcher=matcher, ref=CatalogRef(version=catalog.version, model=fp.backbone, weights=fp.weights),
-                   fingerprint=fp, calibration=catalog.calibration, products=len(catalog.skus),
+                   fingerprint=fp, calibration=catalog.calibration, compliance=catalog.compliance,
+                   products=len(catalog.skus),
                    references=len(catalog.row_sku))
 
 

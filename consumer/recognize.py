@@ -36,18 +36,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from aiokafka import TopicPartition
 
-from catalog.matcher import Match, Verdict
-from catalog.planogram import EMPTY_SKU
+from catalog.compliance import FacingVerdict, judge, summarise
+from catalog.matcher import Match
 from consumer.batcher import batches
 from consumer.delivery import Outcome, OutRecord
 from consumer.facings import Facing, crop
 from consumer.messages import (
-    FACING_STATUSES,
     Box,
     Candidate,
     ComplianceEvent,
     FacingResult,
-    FacingStatus,
     FrameSummary,
     Latency,
     MatchEvent,
@@ -67,10 +65,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class PhotoWork:
-    """One decoded photo on its way: a match per unit, filled in as model batches finish."""
+    """One decoded photo on its way: a result per unit, filled in as model batches finish (a
+    :class:`Match` for a whole photo, a :class:`catalog.compliance.FacingVerdict` per facing)."""
 
     photo: DecodedPhoto
-    matches: list[Match | None]
+    matches: list[Match | FacingVerdict | None]
     embed_s: float = 0.0
     match_s: float = 0.0
     model_batch: int = 0  # units in the last model batch that carried one of its units
@@ -173,16 +172,34 @@ def embed_units(recognizer: Recognizer, batch: list[Unit]) -> tuple[torch.Tensor
     return vectors, time.perf_counter() - start
 
 
+# The expected SKU of a detector box that no planogram slot covers: no product is expected there,
+# so catalog.compliance.judge calls it empty or unknown, never ok or wrong-product.
+NOTHING_EXPECTED = ""
+
+
 def match_units(batch: list[Unit], vectors: torch.Tensor) -> float:
-    """Match each unit against its own job's catalogue (usually one for the whole batch)."""
+    """Match each unit against its own job's catalogue (usually one for the whole batch): a whole
+    photo gets top-k and a verdict, a facing its compliance verdict (:func:`catalog.compliance.judge`
+    with the catalogue's operating point)."""
     start = time.perf_counter()
-    by_serving: dict[int, list[int]] = {}
+    groups: dict[tuple[int, bool], list[int]] = {}
     for i, u in enumerate(batch):
-        by_serving.setdefault(id(u.job.serving), []).append(i)
-    for rows in by_serving.values():
-        matches = batch[rows[0]].job.serving.matcher.match(vectors[rows])
-        for i, m in zip(rows, matches, strict=True):
-            batch[i].work.matches[batch[i].index] = m
+        groups.setdefault((id(u.job.serving), u.facing is None), []).append(i)
+    for (_, whole), rows in groups.items():
+        serving = batch[rows[0]].job.serving
+        results: list[Match | FacingVerdict]
+        if whole:
+            results = list(serving.matcher.match(vectors[rows]))
+        else:
+            facings = [f for f in (batch[i].facing for i in rows) if f is not None]
+            results = list(judge(
+                serving.matcher.scores(vectors[rows]), serving.matcher.skus,
+                [f.expected_sku or NOTHING_EXPECTED for f in facings],
+                [f.slot or f.box_id or "" for f in facings],
+                calibration=serving.compliance, top_k=serving.matcher.top_k,
+            ))
+        for i, result in zip(rows, results, strict=True):
+            batch[i].work.matches[batch[i].index] = result
     return time.perf_counter() - start
 
 
@@ -227,49 +244,14 @@ async def assemble(
     await outq.put(END)
 
 
-def facing_status(expected: str | None, m: Match) -> FacingStatus:
-    """The status of one facing.
-
-    - ``empty``: the best match is the reserved empty-shelf entry (:data:`catalog.planogram.EMPTY_SKU`)
-      and it passes the threshold;
-    - ``unknown``: the best match is under the threshold, or too close to the runner-up (min margin);
-    - ``ok``: the best match is the expected product (or, with no expected product, any product);
-    - ``wrong-product``: a confident match for another product than the expected one.
-    """
-    sku, _ = m.best
-    if m.verdict is not Verdict.MATCH:
-        return "unknown"
-    if sku == EMPTY_SKU:
-        return "empty"
-    if expected is None or sku == expected:
-        return "ok"
-    return "wrong-product"
-
-
-def summarise(facings: list[FacingResult]) -> FrameSummary:
-    """Counts per status, the compliance score and the share of shelf of a frame."""
-    counts = Counter(f.status for f in facings)
-    expected = [f for f in facings if f.expected_sku is not None]
-    recognised = Counter(f.best.sku for f in facings if f.status in ("ok", "wrong-product"))
-    total = sum(recognised.values())
-    return FrameSummary(
-        facings=len(facings),
-        counts={s: counts.get(s, 0) for s in FACING_STATUSES},
-        compliance=round(sum(f.status == "ok" for f in expected) / len(expected), 4) if expected else None,
-        share_of_shelf={sku: round(n / total, 4) for sku, n in recognised.most_common()},
-    )
-
-
-def _facing_result(facing: Facing, m: Match) -> FacingResult:
+def _facing_result(facing: Facing, v: FacingVerdict) -> FacingResult:
     r = facing.region
-    scores = dict(m.candidates)
-    best_sku, best_score = m.best
+    best_sku, best_score = v.candidates[0]
     return FacingResult(
         slot=facing.slot, box_id=facing.box_id, region=Box(x0=r.x0, y0=r.y0, x1=r.x1, y1=r.y1),
-        expected_sku=facing.expected_sku, status=facing_status(facing.expected_sku, m),
-        best=Candidate(sku=best_sku, score=best_score), margin=m.margin,
-        expected_score=scores.get(facing.expected_sku) if facing.expected_sku is not None else None,
-        candidates=[Candidate(sku=s, score=v) for s, v in m.candidates],
+        expected_sku=facing.expected_sku, status=v.status.value, best=Candidate(sku=best_sku, score=best_score),
+        margin=v.margin, expected_score=v.expected_score, empty_score=v.empty_score,
+        candidates=[Candidate(sku=s, score=score) for s, score in v.candidates],
     )
 
 
@@ -301,8 +283,7 @@ def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Ou
             ))
             continue
         work = next(works)
-        matches = [m for m in work.matches if m is not None]
-        assert len(matches) == len(work.matches), "an event was built before all its facings were matched"
+        assert all(m is not None for m in work.matches), "an event was built before all its facings were matched"
         common: dict[str, Any] = dict(
             event_id=event_id(rec.topic, rec.partition, rec.offset),
             source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
@@ -320,7 +301,8 @@ def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Ou
         event: MatchEvent | ComplianceEvent
         statuses: tuple[tuple[str, int], ...] = ()
         if result.regions is None:
-            m = matches[0]
+            m = work.matches[0]
+            assert isinstance(m, Match)
             best_sku, best_score = m.best
             event = MatchEvent(
                 verdict=m.verdict.value, best=Candidate(sku=best_sku, score=best_score), margin=m.margin,
@@ -330,11 +312,15 @@ def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Ou
             verdict: str = m.verdict.value
         else:
             regions = result.regions
-            facings = [_facing_result(f, m) for f, m in zip(regions.facings, matches, strict=True)]
+            verdicts = [v for v in work.matches if isinstance(v, FacingVerdict)]
+            facings = [_facing_result(f, v) for f, v in zip(regions.facings, verdicts, strict=True)]
             statuses = tuple(Counter(f.status for f in facings).items())
             planogram = regions.planogram
+            summary = summarise(verdicts, planogram.version if planogram is not None else "")
             event = ComplianceEvent(
-                regions_from=regions.origin, facings=facings, summary=summarise(facings),
+                regions_from=regions.origin, facings=facings, summary=FrameSummary(
+                    facings=summary.facings, counts=dict(summary.counts),  # type: ignore[arg-type]
+                    compliance=summary.compliance, share_of_shelf=dict(summary.share_of_shelf)),
                 planogram=PlanogramRef(camera_id=planogram.camera_id, version=planogram.version)
                 if planogram is not None else None,
                 **common,

@@ -39,6 +39,7 @@ from consumer.metrics import Metrics
 log = logging.getLogger(__name__)
 
 CAMERA_MISMATCH = "camera-mismatch"
+METADATA_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -166,14 +167,7 @@ class TopicPlanograms:
                                     isolation_level="read_committed", **self._config)
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(self.topic)
-            if partitions is None:
-                await consumer.topics()  # a metadata request: the topic may be new to this client
-                partitions = consumer.partitions_for_topic(self.topic)
-            if not partitions:
-                raise ConfigurationError(f"planogram topic {self.topic} (SHELFMATCH_PLANOGRAM_TOPIC) does not exist; "
-                                         "`shelfmatch topics create` makes it")
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            tps = await self._partitions(consumer)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
@@ -200,3 +194,16 @@ class TopicPlanograms:
                         yield UP_TO_DATE
         finally:
             await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """Every partition of the topic. Assigning its partition 0 makes the client fetch the
+        topic's metadata, which then names them all."""
+        if self.topic not in await consumer.topics():
+            raise ConfigurationError(f"planogram topic {self.topic} (SHELFMATCH_PLANOGRAM_TOPIC) does not exist; "
+                                     "`shelfmatch topics create` makes it")
+        consumer.assign([TopicPartition(self.topic, 0)])
+        async with asyncio.timeout(METADATA_WAIT_S):
+            # aiokafka's public API has no event for metadata arriving; this bounded poll is the wait.
+            while (partitions := consumer.partitions_for_topic(self.topic)) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        return [TopicPartition(self.topic, p) for p in sorted(partitions)]

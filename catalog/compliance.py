@@ -10,12 +10,12 @@ score of the reserved :data:`~catalog.planogram.EMPTY_SKU` entry when the catalo
 
 1. ``empty`` when ``empty - best >= empty_margin``: the crop looks more like empty shelf than any
    product (a gap: out of stock);
-2. ``ok`` when ``score(e) >= min_score`` and ``lead(e) >= min_lead``, where ``lead(e)`` is the
+2. ``unknown`` when ``best < unknown_below``: nothing in the catalogue looks like the crop (an
+   occlusion, a product the catalogue lacks), so it can be called neither right nor wrong;
+3. ``ok`` when ``score(e) >= min_score`` and ``lead(e) >= min_lead``, where ``lead(e)`` is the
    expected product's score minus the best *other* product's: a verification ("is this the product
    that belongs here?"), easier than identifying the photo among all products, since the expected
    product may trail a look-alike by a little (``min_lead < 0``) and still be accepted;
-3. ``unknown`` when ``best < unknown_below``: nothing in the catalogue looks like the crop (an
-   occlusion, a product the catalogue lacks), so it cannot be called a wrong product;
 4. ``wrong-product`` otherwise.
 
 A facing whose expected SKU is not in the catalogue (it was removed since the planogram was
@@ -123,12 +123,10 @@ def statuses(fs: FacingScores, calibration: ComplianceCalibration) -> list[Facin
     for i in range(len(fs.best)):
         if fs.empty_lead[i] >= calibration.empty_margin:
             out.append(FacingStatus.EMPTY)
-        elif not fs.known[i]:
+        elif not fs.known[i] or fs.best[i] < calibration.unknown_below:
             out.append(FacingStatus.UNKNOWN)
         elif fs.expected_score[i] >= calibration.min_score and fs.lead[i] >= calibration.min_lead:
             out.append(FacingStatus.OK)
-        elif fs.best[i] < calibration.unknown_below:
-            out.append(FacingStatus.UNKNOWN)
         else:
             out.append(FacingStatus.WRONG_PRODUCT)
     return out
@@ -181,3 +179,135 @@ def summarise(verdicts: Sequence[FacingVerdict], planogram_version: str) -> Fram
         compliance=round(counts[FacingStatus.OK] / judged, 6) if judged else None,
         share_of_shelf={sku: round(n / total, 6) for sku, n in sorted(seen.items())},
     )
+
+
+# --- calibration and quality on labelled facings ---------------------------------------------
+
+# The issue's targets, on composed frames from the val photos.
+TARGETS = {"wrong_precision": 0.95, "wrong_recall": 0.90, "empty_precision": 0.98, "empty_recall": 0.98,
+           "ok_flagged": 0.03}
+
+
+def _sweep(values: np.ndarray, positive: np.ndarray, target_precision: float) -> tuple[float, float, float] | None:
+    """Flag ``values >= t``: the ``t`` with the highest recall whose precision reaches the target, as
+    (t, precision, recall); among equal recalls the highest ``t`` (the best precision), so that no
+    negative is flagged that does not buy a positive. ``t`` lies halfway between the last flagged
+    value and the next one: the widest gap the data allows. None when no ``t`` reaches the target."""
+    if not positive.any():
+        return None
+    order = np.argsort(-values, kind="stable")
+    vals, pos = values[order], positive[order]
+    hits = np.cumsum(pos)
+    precision = hits / np.arange(1, len(vals) + 1)
+    group_end = np.append(vals[1:] != vals[:-1], True)  # a threshold flags every tie at once
+    valid = group_end & (precision >= target_precision)
+    if not valid.any():
+        return None
+    i = int(np.flatnonzero(valid & (hits == hits[valid].max()))[0])
+    nxt = vals[i + 1] if i + 1 < len(vals) else vals[i] - 1.0
+    t = float(vals[i]) if not np.isfinite(nxt) else float((vals[i] + nxt) / 2)
+    return t, float(precision[i]), float(hits[i] / pos.sum())
+
+
+def calibrate_compliance(
+    scores: np.ndarray, skus: Sequence[str], expected: Sequence[str], truth: Sequence[FacingStatus], *,
+    target_precision: float = TARGETS["wrong_precision"], empty_precision: float = TARGETS["empty_precision"],
+    score_quantiles: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1),
+) -> ComplianceCalibration:
+    """The operating point with the highest ``wrong-product`` recall whose precision reaches
+    ``target_precision`` on labelled facings (``truth`` per facing: ok, wrong-product or empty).
+
+    First the empty entry's margin (highest empty recall at ``empty_precision``; the catalogue must
+    hold :data:`~catalog.planogram.EMPTY_SKU`, else empties stay undetected), then, on the facings
+    not called empty, ``min_lead`` for each ``min_score`` tried (quantiles of the ``ok`` facings'
+    expected scores; the lowest is "no minimum"). Raises ValueError if no point reaches the target."""
+    fs = facing_scores(scores, skus, expected)
+    truth_arr = np.array([FacingStatus(t).value for t in truth])
+    empty_margin = np.inf
+    if EMPTY_SKU in skus:
+        point = _sweep(fs.empty_lead, truth_arr == FacingStatus.EMPTY.value, empty_precision)
+        if point is not None:
+            empty_margin = point[0]
+    rest = (fs.empty_lead < empty_margin) & fs.known
+    wrong = truth_arr[rest] == FacingStatus.WRONG_PRODUCT.value
+    ok_scores = fs.expected_score[rest][truth_arr[rest] == FacingStatus.OK.value]
+    floors = sorted({-1.0, *(float(np.quantile(ok_scores, q)) for q in score_quantiles if len(ok_scores) and q > 0)})
+    best: tuple[float, float, float, float] | None = None  # recall, precision, min_score, min_lead
+    for floor in floors:
+        # wrong when lead < min_lead or the expected score < floor: flag -lead >= -min_lead
+        values = np.where(fs.expected_score[rest] < floor, 1e9, -fs.lead[rest])
+        point = _sweep(values, wrong, target_precision)
+        if point is None:
+            continue
+        t, precision, recall = point
+        if best is None or (recall, precision) > (best[0], best[1]):
+            best = (recall, precision, floor, -t)
+    if best is None:
+        raise ValueError(f"no operating point reaches wrong-product precision {target_precision:.2f} on these facings")
+    return ComplianceCalibration(min_lead=round(best[3], 6), min_score=round(best[2], 6),
+                                 empty_margin=round(float(empty_margin), 6) if np.isfinite(empty_margin) else 1e9)
+
+
+@dataclass(frozen=True)
+class ComplianceQuality:
+    facings: int
+    wrong_precision: float | None  # None when nothing was called wrong-product
+    wrong_recall: float | None  # None when no facing was wrong
+    empty_precision: float | None
+    empty_recall: float | None
+    ok_flagged: float | None  # share of truly ok facings called anything else (unknown included)
+    unknown: int  # facings called unknown
+
+    def meets(self) -> dict[str, bool]:
+        """Each of :data:`TARGETS` against this measurement (a missing figure misses its target)."""
+        def at_least(v: float | None, t: float) -> bool:
+            return v is not None and v >= t
+        return {
+            "wrong_precision": at_least(self.wrong_precision, TARGETS["wrong_precision"]),
+            "wrong_recall": at_least(self.wrong_recall, TARGETS["wrong_recall"]),
+            "empty_precision": at_least(self.empty_precision, TARGETS["empty_precision"]),
+            "empty_recall": at_least(self.empty_recall, TARGETS["empty_recall"]),
+            "ok_flagged": self.ok_flagged is not None and self.ok_flagged <= TARGETS["ok_flagged"],
+        }
+
+
+def compliance_quality(predicted: Sequence[FacingStatus], truth: Sequence[FacingStatus]) -> ComplianceQuality:
+    """Precision and recall of ``wrong-product`` and ``empty``, and how often an ``ok`` facing is flagged."""
+    pred = np.array([FacingStatus(p).value for p in predicted])
+    true = np.array([FacingStatus(t).value for t in truth])
+
+    def ratio(num: int, den: int) -> float | None:
+        return num / den if den else None
+
+    def pr(status: FacingStatus) -> tuple[float | None, float | None]:
+        called, real = pred == status.value, true == status.value
+        hit = int((called & real).sum())
+        return ratio(hit, int(called.sum())), ratio(hit, int(real.sum()))
+
+    wp, wr = pr(FacingStatus.WRONG_PRODUCT)
+    ep, er = pr(FacingStatus.EMPTY)
+    ok = true == FacingStatus.OK.value
+    return ComplianceQuality(
+        facings=len(true), wrong_precision=wp, wrong_recall=wr, empty_precision=ep, empty_recall=er,
+        ok_flagged=ratio(int((ok & (pred != FacingStatus.OK.value)).sum()), int(ok.sum())),
+        unknown=int((pred == FacingStatus.UNKNOWN.value).sum()),
+    )
+
+
+def format_quality(name: str, q: ComplianceQuality) -> str:
+    """One table row per figure, with its target and whether it is met."""
+    def pct(v: float | None) -> str:
+        return "   n/a" if v is None else f"{100 * v:6.1f}"
+    met = q.meets()
+    rows = [f"{name}: {q.facings} facings, {q.unknown} unknown",
+            "  figure                 measured %   target      met"]
+    for key, label, value, sign in (
+        ("wrong_precision", "wrong-product precision", q.wrong_precision, ">="),
+        ("wrong_recall", "wrong-product recall", q.wrong_recall, ">="),
+        ("empty_precision", "empty precision", q.empty_precision, ">="),
+        ("empty_recall", "empty recall", q.empty_recall, ">="),
+        ("ok_flagged", "ok flagged", q.ok_flagged, "<="),
+    ):
+        verdict = "yes" if met[key] else "NO"
+        rows.append(f"  {label:<23}    {pct(value)}   {sign} {100 * TARGETS[key]:4.0f}%   {verdict}")
+    return "\n".join(rows)

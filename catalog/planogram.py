@@ -72,7 +72,7 @@ class Region(_Model):
     x1: float = Field(ge=0.0, le=1.0, description="right edge, > x0")
     y1: float = Field(ge=0.0, le=1.0, description="bottom edge, > y0")
     corners: tuple[Point, Point, Point, Point] | None = Field(
-        None,
+        default=None,
         description="four (x, y) points, normalised: top-left, top-right, bottom-right, bottom-left of the "
         "facing; the box must contain them. When given, the crop is rectified from these corners.",
     )
@@ -157,7 +157,7 @@ class Planogram(_Model):
     version: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     slots: tuple[Slot, ...] = Field(min_length=1, max_length=MAX_SLOTS)
     frame: FrameSize | None = Field(
-        None, description="the frame size the planogram was drawn on; frames far smaller are refused"
+        default=None, description="the frame size the planogram was drawn on; frames far smaller are refused"
     )
 
     @model_validator(mode="after")

@@ -182,7 +182,56 @@ def _catalog_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _catalog_calibrate_compliance(args: argparse.Namespace) -> int:
+    from catalog.shelf import calibrate_on_frames, val_photos
+    from catalog.store import Catalog
+
+    catalog = Catalog.load(args.catalog)
+    out = Path(args.out or args.catalog)
+    calibrated, labelled = calibrate_on_frames(
+        catalog, _model_for(catalog, args.device), val_photos(Path(args.dataset), catalog.skus), frames=args.frames,
+        seed=args.seed, target_precision=args.target_precision, empty_folder=out.parent / f"{out.stem}.empty",
+    )
+    calibrated.save(out)
+    c = calibrated.compliance
+    assert c is not None
+    print(f"min lead {c.min_lead:.4f}, min score {c.min_score:.4f}, empty margin {c.empty_margin:.4f} on "
+          f"{len(labelled.truth)} facings of {args.frames} composed frames; written to {out}")
+    return 0
+
+
+def _eval_compliance(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from catalog.compliance import format_quality
+    from catalog.shelf import evaluate_on_frames, val_photos
+    from catalog.store import Catalog
+
+    if not args.catalog or len(args.catalog) != 1:
+        raise CatalogError("--compliance evaluates one catalogue: give --catalog FILE once")
+    catalog = Catalog.load(args.catalog[0])
+    result = evaluate_on_frames(catalog, _model_for(catalog, args.device),
+                                val_photos(Path(args.dataset), catalog.skus), frames=args.frames,
+                                target_precision=args.target_precision or 0.95)
+    print(f"{result.frames} composed frames from the val photos, {result.facings} facings")
+    stored = "the catalogue's operating point" if catalog.compliance else "no stored operating point: the default rule"
+    print(format_quality(stored, result.stored))
+    print(format_quality("default rule (expected product best, empty entry best)", result.default_rule))
+    for i, fold in enumerate(result.cross_validated):
+        print(format_quality(f"2-fold by photo, fold {i} (calibrated on the other half's frames)", fold))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"catalog_version": catalog.version, "compliance": asdict(catalog.compliance) if catalog.compliance
+                  else None, **asdict(result)}
+        (out / "compliance.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out / 'compliance.json'}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.compliance:
+        return _eval_compliance(args)
 
     from catalog.baselines import baseline_vectors
     from catalog.build import build_catalog, embed_images
@@ -330,6 +379,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
+def _default_dataset() -> Path:
+    from catalog.shelf import DEFAULT_DATASET
+
+    return DEFAULT_DATASET
+
+
 def parser() -> argparse.ArgumentParser:
     from catalog.models import BACKBONES
 
@@ -381,6 +436,18 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
     cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     cal.set_defaults(func=_catalog_calibrate)
+    cc = cat.add_parser("calibrate-compliance", help="choose the planogram verification's operating point "
+                        "(wrong-product, empty) on shelf frames composed from the val photos")
+    cc.add_argument("--catalog", required=True, help="catalogue file to calibrate (gains the __empty__ entry "
+                    "if it lacks one, from generated empty bays written beside --out)")
+    cc.add_argument("--dataset", default=str(_default_dataset()), help="the Grocery Store Dataset folder")
+    cc.add_argument("--frames", type=int, default=40, help="composed frames, 24 facings each (default 40)")
+    cc.add_argument("--seed", type=int, default=1, help="seed of the composed frames (eval uses 2)")
+    cc.add_argument("--target-precision", type=float, default=0.95,
+                    help="least share of right 'wrong-product' calls (default 0.95)")
+    cc.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
+    cc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    cc.set_defaults(func=_catalog_calibrate_compliance)
     add = cat.add_parser("add", help="add references (new SKUs or more images) to a catalogue: only they are "
                          "embedded, with the catalogue's own model")
     add.add_argument("--catalog", required=True, help="catalogue file to add references to")
@@ -419,7 +486,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", help="also the research's baselines: histogram,phash")
     ev.add_argument("--thresholds", help="comma-separated (default 0.85,0.90,0.95,0.99)")
     ev.add_argument("--target-precision", type=float, help="also report a 2-fold cross-validated operating point")
-    ev.add_argument("--out", help="folder for report.json and PNG plots")
+    ev.add_argument("--out", help="folder for report.json and PNG plots (compliance.json with --compliance)")
+    ev.add_argument("--compliance", action="store_true",
+                    help="planogram compliance on shelf frames composed from the val photos (one --catalog)")
+    ev.add_argument("--dataset", default=str(_default_dataset()), help="for --compliance: the Grocery Store folder")
+    ev.add_argument("--frames", type=int, default=40, help="for --compliance: composed frames (default 40)")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
 

@@ -216,6 +216,15 @@ class FrameSummary(_Model):
         "the facings that show a product")
 
 
+class OperatingPoint(_Model):
+    """The verification's operating point (``shelfmatch catalog calibrate-compliance``)."""
+
+    min_lead: float
+    min_score: float
+    empty_margin: float
+    unknown_below: float
+
+
 class ComplianceEvent(_Model):
     """One per input photo that has regions, keyed like the input record."""
 
@@ -228,7 +237,8 @@ class ComplianceEvent(_Model):
     planogram: PlanogramRef | None = Field(description="the planogram in force for the camera; null without one")
     facings: list[FacingResult] = Field(description="in planogram slot order, or the header's box order")
     summary: FrameSummary
-    threshold: float
-    min_margin: float
+    operating_point: OperatingPoint | None = Field(
+        description="the catalogue's compliance calibration the statuses were judged with; null: the default rule "
+        "(ok when the expected product scores best, empty when the empty-shelf entry does)")
     latency_ms: Latency
     processed_at: datetime

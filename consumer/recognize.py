@@ -49,6 +49,7 @@ from consumer.messages import (
     FrameSummary,
     Latency,
     MatchEvent,
+    OperatingPoint,
     Photo,
     PlanogramRef,
     Source,
@@ -288,7 +289,7 @@ def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Ou
             event_id=event_id(rec.topic, rec.partition, rec.offset),
             source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
             photo=Photo(width=result.width, height=result.height, **result.fields),
-            catalog=serving.ref, threshold=serving.matcher.threshold, min_margin=serving.matcher.min_margin,
+            catalog=serving.ref,
             latency_ms=Latency(
                 decode=round(result.decode_s * 1e3, 3),
                 batch_wait=round((ready.closed - received.arrived) * 1e3, 3),
@@ -307,7 +308,7 @@ def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Ou
             event = MatchEvent(
                 verdict=m.verdict.value, best=Candidate(sku=best_sku, score=best_score), margin=m.margin,
                 candidates=[Candidate(sku=s, score=v) for s, v in m.candidates], batch_size=work.model_batch,
-                **common,
+                threshold=serving.matcher.threshold, min_margin=serving.matcher.min_margin, **common,
             )
             verdict: str = m.verdict.value
         else:
@@ -323,6 +324,7 @@ def build_outcome(job: Job, *, topics: Topics, max_dead_letter_bytes: int) -> Ou
                     compliance=summary.compliance, share_of_shelf=dict(summary.share_of_shelf)),
                 planogram=PlanogramRef(camera_id=planogram.camera_id, version=planogram.version)
                 if planogram is not None else None,
+                operating_point=OperatingPoint(**vars(serving.compliance)) if serving.compliance is not None else None,
                 **common,
             )
             verdict = "compliance"

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,8 @@ from consumer.metrics import Metrics
 from consumer.source import DecodedPhoto, Poison
 from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
 
+NO_PIXELS: torch.Tensor = torch.empty((3, 0, 0), dtype=torch.uint8)
+
 if TYPE_CHECKING:
     from consumer.pipeline import ReadyBatch, Recognizer, Serving, Topics
 
@@ -69,8 +71,11 @@ class PhotoWork:
     """One decoded photo on its way: a result per unit, filled in as model batches finish (a
     :class:`Match` for a whole photo, a :class:`catalog.compliance.FacingVerdict` per facing)."""
 
-    photo: DecodedPhoto
+    photo: DecodedPhoto  # without its pixels (``photo.pixels`` is empty): events need only the rest
     matches: list[Match | FacingVerdict | None]
+    # Held only until the photo's last unit is embedded: a matched frame waiting for its batch's
+    # other photos, for publishing and for its commit holds no pixels.
+    pixels: torch.Tensor | None = None
     embed_s: float = 0.0
     match_s: float = 0.0
     model_batch: int = 0  # units in the last model batch that carried one of its units
@@ -111,7 +116,7 @@ async def process_units(
     """Stage 4: cut, batch, embed and match units; put each input batch's Outcome on ``outq``."""
     units: asyncio.Queue[Unit | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.fetched(batch_size))
     unit_batches: asyncio.Queue[list[Unit] | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.ready)
-    jobs: asyncio.Queue[Job | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.batched + QUEUE_DEPTHS.processed)
+    jobs: asyncio.Queue[Job | EndOfStream] = asyncio.Queue(maxsize=QUEUE_DEPTHS.recognizing)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(cut(inq, units, jobs, recognizer=recognizer), name="cut")
         tg.create_task(batches(units, unit_batches, max_size=batch_size, max_wait_s=batch_max_wait_s),
@@ -130,8 +135,11 @@ async def cut(
     that the batch's outcome is awaited in fetch order."""
     loop = asyncio.get_running_loop()
     while not isinstance(ready := await inq.get(), EndOfStream):
-        photos = [PhotoWork(d, [None] * (len(d.regions.facings) if d.regions else 1))
-                  for d in ready.decoded if isinstance(d, DecodedPhoto)]
+        photos = []
+        for i, d in enumerate(ready.decoded):
+            if isinstance(d, DecodedPhoto):
+                ready.decoded[i] = light = replace(d, pixels=NO_PIXELS)
+                photos.append(PhotoWork(light, [None] * (len(d.regions.facings) if d.regions else 1), d.pixels))
         total = sum(len(p.matches) for p in photos)
         job = Job(ready=ready, serving=recognizer.serving, photos=photos, remaining=total, done=loop.create_future())
         if total == 0:
@@ -161,9 +169,10 @@ def embed_units(recognizer: Recognizer, batch: list[Unit]) -> tuple[torch.Tensor
     embedder = recognizer.embedder
     images: list[torch.Tensor] = []
     for group in _groups(batch):
-        pixels = group[0].work.photo.pixels
+        pixels = group[0].work.pixels
+        assert pixels is not None, "a photo's pixels were released before all its units were embedded"
         if group[0].facing is None:
-            images.extend(u.work.photo.pixels.to(embedder.device) for u in group)
+            images.extend(pixels.to(embedder.device) for _ in group)
         else:
             images.extend(crop(pixels, [u.facing for u in group if u.facing is not None], embedder.input_size,
                                embedder.device).unbind(0))
@@ -226,6 +235,8 @@ async def recognize(
                 u.work.match_s += match_s
                 u.work.model_batch = len(batch)
             u.job.unit_done()
+            if all(m is not None for m in u.work.matches):
+                u.work.pixels = None
 
 
 async def assemble(

@@ -76,7 +76,18 @@ $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION): $(if $(wildcard $(TOOLS)/kube-score)
 	@rm -f $(TOOLS)/.kube-score-*
 	touch $@
 
-tools: $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION)
+# promtool runs the alert rules' unit tests (tests/deploy/alerts). Prometheus 3.x tags its Go module
+# v0.3XX.Y for release 3.XX.Y. The module is large: the first build takes minutes, later ones are no-ops.
+PROMETHEUS_VERSION := 3.16.0
+PROMTOOL_MODULE_VERSION := v0.316.0
+$(TOOLS)/.promtool-$(PROMTOOL_MODULE_VERSION): $(if $(wildcard $(TOOLS)/promtool),,FORCE)
+	@mkdir -p $(TOOLS)
+	$(GO_INSTALL) -ldflags '-s -w -X github.com/prometheus/common/version.Version=$(PROMETHEUS_VERSION)' \
+		github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_MODULE_VERSION)
+	@rm -f $(TOOLS)/.promtool-*
+	touch $@
+
+tools: $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION) $(TOOLS)/.promtool-$(PROMTOOL_MODULE_VERSION)
 
 FORCE:
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -59,11 +60,28 @@ TOPIC_GRACE_S = 5.0  # the first metadata answer may take this long before a mis
 RECORD_OVERHEAD_BYTES = 1024 * 1024
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of every Kafka client: the CA that verifies the brokers and, for mutual TLS, the
+    client certificate and key. The files are read once, here: a rotated certificate or CA takes
+    effect on the next start (docs/operations.md, "Rotate Kafka credentials")."""
+    try:
+        return create_ssl_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
+            certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+            keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        )
+    except (OSError, ssl.SSLError) as exc:  # a missing file, not PEM, or a key of another certificate
+        raise ConfigurationError(
+            f"cannot load the TLS files (SHELFMATCH_SSL_CAFILE={settings.ssl_cafile}, "
+            f"SHELFMATCH_SSL_CERTFILE={settings.ssl_certfile}, SHELFMATCH_SSL_KEYFILE={settings.ssl_keyfile}): {exc}"
+        ) from exc
+
+
 def kafka_security(settings: Settings) -> dict[str, Any]:
     """aiokafka keyword arguments for the configured security protocol (secrets never logged)."""
     kwargs: dict[str, Any] = {"security_protocol": settings.security_protocol}
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = create_ssl_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+        kwargs["ssl_context"] = tls_context(settings)
     if settings.security_protocol.startswith("SASL"):
         kwargs["sasl_mechanism"] = settings.sasl_mechanism
         kwargs["sasl_plain_username"] = settings.sasl_username
@@ -396,7 +414,8 @@ async def check_kafka(settings: Settings) -> None:
         raise ConfigurationError(
             f"cannot connect to Kafka at {settings.kafka_bootstrap_servers} (SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS; "
             f"security {settings.security_protocol}): {exc}. If the address is right, check "
-            "SHELFMATCH_SECURITY_PROTOCOL, the SASL user and password and SHELFMATCH_SSL_CAFILE "
+            "SHELFMATCH_SECURITY_PROTOCOL, the SASL user and password, SHELFMATCH_SSL_CAFILE and, where the "
+            "brokers require client certificates, SHELFMATCH_SSL_CERTFILE and SHELFMATCH_SSL_KEYFILE "
             "(the broker's answer is logged above)"
         ) from exc
 

@@ -10,8 +10,11 @@ from consumer.messages import FACING_STATUSES
 # another camera than its body (consumer.planograms).
 PLANOGRAM_REJECTIONS = (*(r.value for r in PlanogramReason), "camera-mismatch")
 
-# Seconds, from a few ms (one photo's decode) to a minute (a backlog drained after an outage).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds, from a few ms (one photo's decode) to an hour: a backlog drained after an outage, as long
+# as the lag and no-events alerts let one build up. histogram_quantile never reads above the top bucket,
+# so every latency an alert names (prometheusRule.alerts.latencyP99) must lie below it.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 600.0, 1800.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 STAGES = ("decode", "batch_wait", "embed", "match", "publish", "commit")
 # What a changed catalogue file led to (consumer/watcher.py). Only `swapped` changes the catalogue.
@@ -92,6 +95,13 @@ class Metrics:
             ["topic"], registry=registry,
         )
         self.ready = Gauge("shelfmatch_ready", "1 when the service is consuming and publishing", registry=registry)
+        # Set by the progress watchdog of issue 19 (branch issue-19a owns its logic); the alert
+        # ShelfmatchPipelineStalled reads it.
+        self.pipeline_stalled = Gauge(
+            "shelfmatch_pipeline_stalled",
+            "1 while work is queued for the decode or model stage and no batch completes within the bound",
+            registry=registry,
+        )
         self.device_decode_fallbacks = Counter(
             "shelfmatch_device_decode_fallbacks",
             "plain JPEGs the device decoder refused or could not resize, decoded by Pillow instead",

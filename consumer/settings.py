@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     sasl_username: str | None = Field(None, description="SASL user")
     sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
     ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers' certificates")
+    ssl_certfile: Path | None = Field(
+        None, description="client certificate (PEM, with its chain) for mutual TLS; needs SHELFMATCH_SSL_KEYFILE")
+    ssl_keyfile: Path | None = Field(None, description="private key (PEM, unencrypted) of that client certificate")
 
     # Matching
     catalog: Path = Field(Path("catalog.safetensors"), description="catalogue file built by `shelfmatch catalog build`")
@@ -174,6 +177,11 @@ class Settings(BaseSettings):
             raise ValueError("the planogram topic must differ from the input, output and dead-letter topics")
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
             raise ValueError(f"{self.security_protocol} needs SHELFMATCH_SASL_USERNAME and SHELFMATCH_SASL_PASSWORD")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("a client certificate needs both SHELFMATCH_SSL_CERTFILE and SHELFMATCH_SSL_KEYFILE")
+        if self.ssl_certfile and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"a client certificate (SHELFMATCH_SSL_CERTFILE) is only sent over TLS; "
+                             f"SHELFMATCH_SECURITY_PROTOCOL is {self.security_protocol}, not SSL or SASL_SSL")
         return self
 
 

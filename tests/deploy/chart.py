@@ -18,6 +18,7 @@ CHART = ROOT / "helm" / "shelfmatch"
 TOOLS = ROOT / ".cache" / "tools"
 HELM = TOOLS / "helm"
 KUBE_SCORE = TOOLS / "kube-score"
+PROMTOOL = TOOLS / "promtool"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas at hand.

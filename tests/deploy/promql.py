@@ -16,6 +16,20 @@ from consumer.metrics import Metrics
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "container", "service", "endpoint", "le"}
 KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
             "bool", "offset", "inf", "nan"}
+# The only series not exported by the service that the dashboard and the alerts may select, and who
+# exports them: what the service cannot say about itself (replicas, restarts, Pending pods, the
+# autoscaler, GPU utilisation). Each is named here with the labels used, so a typo still fails.
+EXTERNAL_SERIES = {
+    "kube_deployment_spec_replicas": "kube-state-metrics",
+    "kube_deployment_status_replicas_ready": "kube-state-metrics",
+    "kube_pod_container_status_restarts_total": "kube-state-metrics",
+    "kube_pod_status_phase": "kube-state-metrics",
+    "kube_horizontalpodautoscaler_status_current_replicas": "kube-state-metrics",
+    "kube_horizontalpodautoscaler_spec_max_replicas": "kube-state-metrics",
+    "DCGM_FI_DEV_GPU_UTIL": "dcgm-exporter",
+}
+EXTERNAL_LABELS = {"deployment", "phase", "horizontalpodautoscaler"}
+
 # Series names per `# TYPE` line (prometheus_client writes counters with their _total, and the
 # _created series as gauges of their own).
 SUFFIXES = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),

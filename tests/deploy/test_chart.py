@@ -46,7 +46,7 @@ CUSTOM_KINDS = {
 
 
 def test_every_feature_has_a_ci_values_file():
-    expected = {"gpu", "keda", "hpa", "monitoring", "sasl", "catalog-init", "settings"}
+    expected = {"gpu", "gpu-shared", "keda", "hpa", "monitoring", "sasl", "mtls", "catalog-init", "settings"}
     assert {name.removesuffix("-values.yaml") for name in CI_VALUES} >= expected
 
 
@@ -199,6 +199,17 @@ def test_gpu_values_request_one_gpu_and_force_cuda():
     assert spec["runtimeClassName"] == "nvidia"
 
 
+def test_shared_gpu_values_ask_for_one_replica_of_the_shared_resource():
+    """Several pods per GPU go through the device plugin's sharing: each pod asks for one replica of
+    the renamed resource (the plugin refuses more than one), never a whole nvidia.com/gpu."""
+    docs = render("gpu-shared-values.yaml")
+    resources = service_container(pod_spec(docs))["resources"]
+    assert resources["limits"] == {**resources["limits"], "nvidia.com/gpu.shared": 1}
+    assert resources["requests"]["nvidia.com/gpu.shared"] == 1
+    assert "nvidia.com/gpu" not in resources["limits"] and "nvidia.com/gpu" not in resources["requests"]
+    assert config_env(docs)["SHELFMATCH_DEVICE"] == "cuda"
+
+
 def test_default_values_request_no_gpu_and_run_on_the_cpu():
     docs = render("default")
     resources = service_container(pod_spec(docs))["resources"]
@@ -325,6 +336,72 @@ def test_no_secret_value_is_rendered(configuration):
                 assert "value" not in env and "secretKeyRef" in env["valueFrom"], env
 
 
+def test_a_literal_sasl_user_name_is_rendered_and_the_password_still_comes_from_the_secret():
+    """Strimzi's KafkaUser Secrets hold only `password`: the user name is the KafkaUser's name."""
+    result = template("-f", str(CHART / "ci" / "sasl-values.yaml"), "--set", "kafka.sasl.username=shelfmatch-prod")
+    assert result.returncode == 0, result.stderr
+    docs = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+    env = {e["name"]: e for e in service_container(pod_spec(docs))["env"]}
+    assert env["SHELFMATCH_SASL_USERNAME"] == {"name": "SHELFMATCH_SASL_USERNAME", "value": "shelfmatch-prod"}
+    assert env["SHELFMATCH_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    auth = one(docs, "TriggerAuthentication")["spec"]
+    assert auth["env"] == [{"parameter": "username", "name": "SHELFMATCH_SASL_USERNAME", "containerName": "shelfmatch"}]
+    assert {r["parameter"] for r in auth["secretTargetRef"]} == {"password", "ca"}
+
+
+def test_mutual_tls_mounts_the_client_certificate_from_its_secret():
+    docs = render("mtls-values.yaml")
+    spec = pod_spec(docs)
+    env = config_env(docs)
+    mount = {m["name"]: m for m in service_container(spec)["volumeMounts"]}["kafka-client-cert"]
+    volume = {v["name"]: v for v in spec["volumes"]}["kafka-client-cert"]["secret"]
+    assert mount["readOnly"] is True and "subPath" not in mount  # renewed files are refreshed in place
+    assert volume["secretName"] == "shelfmatch" and volume["defaultMode"] == 0o440
+    paths = {i["key"]: f"{mount['mountPath']}/{i['path']}" for i in volume["items"]}
+    assert env["SHELFMATCH_SSL_CERTFILE"] == paths["user.crt"] and env["SHELFMATCH_SSL_KEYFILE"] == paths["user.key"]
+    assert env["SHELFMATCH_SECURITY_PROTOCOL"] == "SSL" and "SHELFMATCH_SSL_CAFILE" in env
+    assert "SHELFMATCH_SASL_USERNAME" not in {e["name"] for e in service_container(spec).get("env", [])}
+    auth = one(docs, "TriggerAuthentication")["spec"]
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["secretTargetRef"]}
+    assert refs == {"ca": ("my-cluster-cluster-ca-cert", "ca.crt"), "cert": ("shelfmatch", "user.crt"),
+                    "key": ("shelfmatch", "user.key")}
+    assert one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["tls"] == "enable"
+
+
+# --- Network ------------------------------------------------------------------------------------
+
+
+def test_egress_is_open_unless_asked_for():
+    policy = one(render("default"), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
+
+
+def test_egress_reaches_only_the_brokers_and_dns():
+    docs = render("mtls-values.yaml")
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    brokers, dns = policy["egress"]
+    assert brokers["to"][0] == {"ipBlock": {"cidr": "10.20.0.0/16"}}
+    assert brokers["to"][1]["podSelector"]["matchLabels"]["strimzi.io/cluster"] == "my-cluster"
+    # The ports of the bootstrap servers, when none are listed.
+    bootstrap = config_env(docs)["SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    bootstrap_ports = {int(a.rsplit(":", 1)[1]) for a in bootstrap}
+    assert {p["port"] for p in brokers["ports"]} == bootstrap_ports == {9093, 9094}
+    assert all(p["protocol"] == "TCP" for p in brokers["ports"])
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+
+
+def test_egress_broker_ports_and_extra_rules_come_from_values():
+    result = template("-f", str(CHART / "ci" / "mtls-values.yaml"),
+                      "--set", "networkPolicy.egress.brokerPorts={9092,9095}",
+                      "--set", "networkPolicy.egress.extraRules[0].ports[0].port=443")
+    assert result.returncode == 0, result.stderr
+    policy = one(tuple(d for d in yaml.safe_load_all(result.stdout) if d), "NetworkPolicy")["spec"]
+    assert [p["port"] for p in policy["egress"][0]["ports"]] == [9092, 9095]
+    assert policy["egress"][2] == {"ports": [{"port": 443}]}
+
+
 def test_sasl_credentials_and_ca_come_from_existing_secrets():
     docs = render("sasl-values.yaml")
     container = service_container(pod_spec(docs))
@@ -423,6 +500,15 @@ def test_keda_at_exactly_the_partition_count_is_allowed():
         (["catalog.source=initContainer"], "needs catalog.initContainer.image.repository"),
         (["settings.device=cuda"], "gpu.enabled is false"),
         (["catalog.source=s3"], "/catalog/source"),  # the values schema already refuses it
+        (["minReadySeconds=60"], "minReadySeconds (60) must be above 60 s"),
+        (["kafka.tls.clientCertSecret=shelfmatch"], "a client certificate is only sent over SSL or SASL_SSL"),
+        (["networkPolicy.egress.enabled=true"], "needs networkPolicy.egress.brokerCIDRs or brokerPeers"),
+        (["networkPolicy.egress.enabled=true", "networkPolicy.egress.brokerCIDRs={10.0.0.0/8}",
+          "kafka.bootstrapServers=kafka"], "has no port"),
+        (["kafka.sasl.password=x"], "password"),
+        (["progressDeadlineSeconds=300"],
+         "progressDeadlineSeconds (300) must exceed the startup probe's budget (300 s)"),
+        (["podDisruptionBudget.unhealthyPodEvictionPolicy=Always"], "unhealthyPodEvictionPolicy"),
     ],
 )
 def test_unsafe_values_are_rejected_at_render_time(overrides, message):
@@ -477,7 +563,47 @@ def test_monitoring_objects_are_off_by_default_and_on_behind_flags():
 
 def test_pod_disruption_budget_never_blocks_a_drain_of_a_single_replica():
     pdb = one(render("default"), "PodDisruptionBudget")
-    assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    assert pdb["spec"] == {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                           "selector": pdb["spec"]["selector"]}
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_pod_disruption_budget_lets_a_drain_evict_pods_that_are_not_ready(configuration):
+    """During a broker outage every pod is NotReady; IfHealthyBudget would then block node drains."""
+    assert one(render(configuration), "PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def _deployment(*sets: str) -> dict:
+    result = template(*[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+    return one(tuple(d for d in yaml.safe_load_all(result.stdout) if d), "Deployment")
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_a_pod_counts_as_available_only_after_a_failed_publish_would_have_shown(configuration):
+    """minReadySeconds outlasts the publish timeout plus the readiness probe's failures."""
+    docs = render(configuration)
+    spec = one(docs, "Deployment")["spec"]
+    readiness = service_container(pod_spec(docs))["readinessProbe"]
+    publish_s = int(config_env(docs)["SHELFMATCH_PUBLISH_TIMEOUT_MS"]) / 1000
+    assert spec["minReadySeconds"] > publish_s + readiness["periodSeconds"] * readiness["failureThreshold"]
+
+
+def test_min_ready_seconds_follows_the_publish_timeout_and_the_readiness_probe():
+    assert _deployment()["spec"]["minReadySeconds"] == 30 + 3 * 10 + 10
+    assert _deployment("kafka.publishTimeoutMs=90500")["spec"]["minReadySeconds"] == 91 + 30 + 10
+    assert _deployment("probes.readiness.periodSeconds=5")["spec"]["minReadySeconds"] == 30 + 15 + 10
+    assert _deployment("minReadySeconds=120")["spec"]["minReadySeconds"] == 120
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_the_progress_deadline_outlasts_a_slow_but_healthy_start(configuration):
+    docs = render(configuration)
+    spec = one(docs, "Deployment")["spec"]
+    startup = service_container(pod_spec(docs))["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    # An image pull of several GB on a cold node comes on top of the startup probe's budget.
+    assert spec["progressDeadlineSeconds"] >= budget + spec["minReadySeconds"] + 600
 
 
 def test_no_templating_leftovers_in_the_manifests():

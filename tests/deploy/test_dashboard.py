@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.deploy.chart import CHART, ROOT, of_kind, one, render, template
-from tests.deploy.promql import TARGET_LABELS, exported, grafana_query_usage, usage
+from tests.deploy.promql import EXTERNAL_LABELS, EXTERNAL_SERIES, TARGET_LABELS, exported, grafana_query_usage, usage
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "shelfmatch.json"
 CHART_DASHBOARD = CHART / "dashboards" / "shelfmatch.json"
@@ -22,8 +22,9 @@ def dashboard() -> dict:
 
 @pytest.fixture(scope="module")
 def known() -> tuple[set[str], set[str]]:
+    """The service's series and labels, and the named external ones (tests/deploy/promql.py)."""
     metrics, labels = exported()
-    return metrics, labels | TARGET_LABELS
+    return metrics | set(EXTERNAL_SERIES), labels | TARGET_LABELS | EXTERNAL_LABELS
 
 
 def _panels(dashboard: dict) -> list[dict]:
@@ -81,6 +82,23 @@ def test_the_metric_check_catches_a_name_the_service_does_not_export(known):
                                       "typo: label reasons does not exist"]
 
 
+def test_the_metric_check_catches_a_series_that_is_not_on_the_external_list(known):
+    exprs = [("node", 'sum(rate(node_cpu_seconds_total{namespace="x"}[5m]))')]
+    assert _unknown(exprs, known) == ["node: metric node_cpu_seconds_total is not exported"]
+
+
+def test_external_series_are_scoped_to_the_release(dashboard):
+    """kube-state-metrics and dcgm-exporter series carry no job of ours: namespace and the
+    Deployment's name (or its pods' names) select this release."""
+    external = "|".join(EXTERNAL_SERIES)
+    selector = re.compile(rf"(?:{external})\{{([^}}]*)\}}")
+    found = [(where, m) for where, expr in _exprs(dashboard) for m in selector.findall(expr)]
+    assert len(found) >= 4
+    for where, selector in found:
+        assert 'namespace="$namespace"' in selector, where
+        assert 'deployment="$job"' in selector or 'pod=~"$job-[a-z0-9]+-[a-z0-9]+"' in selector, where
+
+
 @pytest.mark.parametrize(("subject", "pattern"), [
     ("throughput", r"rate\(shelfmatch_photos_total"),
     ("end-to-end p50", r"histogram_quantile\(0\.5, .*shelfmatch_end_to_end_latency_seconds_bucket"),
@@ -91,6 +109,10 @@ def test_the_metric_check_catches_a_name_the_service_does_not_export(known):
     ("lag per partition", r"by \(topic, partition\) \(shelfmatch_consumer_lag_records"),
     ("dead letters by reason", r"sum by \(reason\) \(rate\(shelfmatch_dead_letters_total"),
     ("GPU memory", r"shelfmatch_gpu_memory_bytes"),
+    ("GPU utilisation", r"DCGM_FI_DEV_GPU_UTIL"),
+    ("desired replicas", r"kube_deployment_spec_replicas"),
+    ("ready replicas", r"kube_deployment_status_replicas_ready"),
+    ("container restarts", r"increase\(kube_pod_container_status_restarts_total"),
 ])
 def test_the_dashboard_has_a_panel_for(dashboard, subject, pattern):
     assert any(re.search(pattern, expr) for _, expr in _exprs(dashboard)), subject
@@ -114,7 +136,9 @@ def test_panels_are_well_formed(dashboard):
 # --- Alerts ------------------------------------------------------------------------------------
 
 REQUIRED_ALERTS = {"ShelfmatchConsumerLagHigh", "ShelfmatchDeadLetterRateHigh", "ShelfmatchLatencyP99High",
-                   "ShelfmatchNoEventsPublished", "ShelfmatchUnreadableBatch"}
+                   "ShelfmatchNoEventsPublished", "ShelfmatchUnreadableBatch", "ShelfmatchPipelineStalled",
+                   "ShelfmatchPublishRetries", "ShelfmatchCommitFailures", "ShelfmatchCrashLooping",
+                   "ShelfmatchPodPending"}
 
 
 @pytest.fixture(scope="module")

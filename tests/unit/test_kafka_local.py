@@ -32,3 +32,19 @@ def test_cluster_ids_are_22_url_safe_characters():
     assert len(ids) == 2000
     alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
     assert all(len(i) == 22 and set(i) <= alphabet and not i.startswith("-") for i in ids)
+
+
+def test_the_mtls_listener_requires_client_certificates_of_the_client_ca():
+    launcher = load_launcher()
+    state = {"port": 1, "controller_port": 2, "workdir": "/w",
+             "mtls": {"port": 3, "keystore": "/w/broker.p12", "store_password": "pw", "cafile": "/w/ca.pem",
+                      "client_ca": "/w/client-ca.pem", "client_cert": "/w/client.pem", "client_key": "/w/client.key"}}
+    props = dict(line.split("=", 1) for line in launcher.server_properties(state).splitlines())
+    assert "SSL://127.0.0.1:3" in props["listeners"].split(",")
+    assert "SSL://127.0.0.1:3" in props["advertised.listeners"].split(",")
+    assert "SSL:SSL" in props["listener.security.protocol.map"].split(",")
+    assert props["listener.name.ssl.ssl.client.auth"] == "required"
+    assert props["listener.name.ssl.ssl.truststore.location"] == "/w/client-ca.pem"
+    assert props["listener.name.ssl.ssl.truststore.type"] == "PEM"
+    without = launcher.server_properties({k: v for k, v in state.items() if k != "mtls"})
+    assert "ssl.client.auth" not in without and "SSL://" not in without

@@ -1,7 +1,9 @@
 import pytest
 from pydantic import ValidationError
 
+from consumer.app import tls_context
 from consumer.cli import parser
+from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 
 
@@ -49,6 +51,9 @@ def test_every_setting_has_a_flag():
         ({"SHELFMATCH_ALLOWED_FORMATS": "JPEG,EPS"}, "allowed formats"),
         ({"SHELFMATCH_OUTPUT_TOPIC": "shelf.photos"}, "must all differ"),
         ({"SHELFMATCH_SECURITY_PROTOCOL": "SASL_SSL"}, "SASL_PASSWORD"),
+        ({"SHELFMATCH_SECURITY_PROTOCOL": "SSL", "SHELFMATCH_SSL_CERTFILE": "/c/tls.crt"}, "SSL_KEYFILE"),
+        ({"SHELFMATCH_SECURITY_PROTOCOL": "SSL", "SHELFMATCH_SSL_KEYFILE": "/c/tls.key"}, "SSL_CERTFILE"),
+        ({"SHELFMATCH_SSL_CERTFILE": "/c/tls.crt", "SHELFMATCH_SSL_KEYFILE": "/c/tls.key"}, "only sent over TLS"),
         ({"SHELFMATCH_NOT_A_SETTING": "1"}, None),  # unknown variables are ignored, not fatal
     ],
 )
@@ -155,3 +160,13 @@ def test_aiokafka_lines_about_what_the_service_reports_itself_are_lowered_to_deb
     assert LowerReported().filter(other) is True and other.levelno == logging.ERROR
     ours = record("consumer.app", logging.WARNING, "input topic x not found in cluster metadata")
     assert LowerReported().filter(ours) is True and ours.levelno == logging.WARNING
+
+
+@pytest.mark.parametrize("broken", ["missing", "not-pem"])
+def test_unreadable_tls_files_are_a_configuration_error_that_names_them(tmp_path, broken):
+    cert = tmp_path / "tls.crt"
+    if broken == "not-pem":
+        cert.write_text("this is not a certificate\n")
+    settings = Settings(security_protocol="SSL", ssl_certfile=cert, ssl_keyfile=tmp_path / "tls.key")
+    with pytest.raises(ConfigurationError, match="SHELFMATCH_SSL_CERTFILE=.*tls.crt"):
+        tls_context(settings)

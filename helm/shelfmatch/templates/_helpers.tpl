@@ -90,6 +90,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s/ca.crt" (include "shelfmatch.caDir" .) }}
 {{- end }}
 
+{{/* Where the client certificate and key for mutual TLS are mounted (SHELFMATCH_SSL_CERTFILE, _KEYFILE). */}}
+{{- define "shelfmatch.clientCertDir" -}}
+/etc/shelfmatch/kafka-client
+{{- end }}
+
+{{/* Broker ports the egress policy allows, as a JSON list: the values, else those of bootstrapServers. */}}
+{{- define "shelfmatch.brokerPorts" -}}
+{{- $ports := list }}
+{{- range .Values.networkPolicy.egress.brokerPorts }}{{ $ports = append $ports (int .) }}{{ end }}
+{{- if not $ports }}
+{{- range splitList "," .Values.kafka.bootstrapServers }}
+{{- $port := regexFind "[0-9]+$" (trim .) }}
+{{- if not $port }}
+{{- fail (printf "kafka.bootstrapServers entry %q has no port; list the broker ports in networkPolicy.egress.brokerPorts" (trim .)) }}
+{{- end }}
+{{- $ports = append $ports (int $port) }}
+{{- end }}
+{{- end }}
+{{- $ports | uniq | toJson }}
+{{- end }}
+
 {{/* true when the Kafka connection uses SASL / TLS. */}}
 {{- define "shelfmatch.sasl" -}}
 {{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}true{{ end }}
@@ -118,11 +139,53 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Seconds from a pod's first failed publish to the kubelet marking it NotReady: the publish timeout,
+then failureThreshold failed readiness probes (no readiness probe: the publish timeout alone).
+*/}}
+{{- define "shelfmatch.notReadyAfterSeconds" -}}
+{{- $publish := divf (.Values.kafka.publishTimeoutMs | int) 1000 | ceil | int }}
+{{- $probe := 0 }}
+{{- with .Values.probes.readiness }}
+{{- $probe = mul (default 10 .periodSeconds | int) (default 3 .failureThreshold | int) }}
+{{- end }}
+{{- add $publish $probe }}
+{{- end }}
+
+{{/* minReadySeconds: the value, else notReadyAfterSeconds plus a 10 s margin. */}}
+{{- define "shelfmatch.minReadySeconds" -}}
+{{- if kindIs "invalid" .Values.minReadySeconds }}
+{{- add (include "shelfmatch.notReadyAfterSeconds" . | int) 10 }}
+{{- else }}
+{{- .Values.minReadySeconds | int }}
+{{- end }}
+{{- end }}
+
+{{/* Longest a healthy pod may take from start to Ready: the startup probe's budget (0 without one). */}}
+{{- define "shelfmatch.startupBudgetSeconds" -}}
+{{- with .Values.probes.startup }}
+{{- add (mul (default 10 .periodSeconds | int) (default 3 .failureThreshold | int)) (default 0 .initialDelaySeconds | int) }}
+{{- else }}0{{ end }}
+{{- end }}
+
+{{/*
 PromQL selector of this release's series, as the ServiceMonitor scrapes them (the job label is the
 Service name).
 */}}
 {{- define "shelfmatch.alertSelector" -}}
 namespace="{{ include "shelfmatch.namespace" . }}", job="{{ include "shelfmatch.fullname" . }}"
+{{- end }}
+
+{{/*
+PromQL selector of this release's pods in kube-state-metrics series (their job is kube-state-metrics):
+the namespace, and the Deployment's pod names, <fullname>-<replicaset hash>-<pod hash>.
+*/}}
+{{- define "shelfmatch.podSeriesSelector" -}}
+namespace="{{ include "shelfmatch.namespace" . }}", pod=~"{{ include "shelfmatch.fullname" . }}-[a-z0-9]+-[a-z0-9]+"
+{{- end }}
+
+{{/* Name of the HorizontalPodAutoscaler that scales the Deployment (KEDA names its own keda-hpa-<ScaledObject>). */}}
+{{- define "shelfmatch.hpaName" -}}
+{{- if .Values.keda.enabled }}{{ printf "keda-hpa-%s" (include "shelfmatch.fullname" .) }}{{ else }}{{ include "shelfmatch.fullname" . }}{{ end }}
 {{- end }}
 
 {{/* runbook_url of an alert: the configured base URL and the alert's section anchor; empty if no base. */}}
@@ -188,6 +251,12 @@ Deployment, so every render runs them.
 {{- if and $v.kafka.tls.caSecret (not (include "shelfmatch.tls" .)) }}
 {{- fail (printf "kafka.tls.caSecret is set but kafka.securityProtocol is %s; the CA is only used with SSL or SASL_SSL" $v.kafka.securityProtocol) }}
 {{- end }}
+{{- if and $v.kafka.tls.clientCertSecret (not (include "shelfmatch.tls" .)) }}
+{{- fail (printf "kafka.tls.clientCertSecret is set but kafka.securityProtocol is %s; a client certificate is only sent over SSL or SASL_SSL" $v.kafka.securityProtocol) }}
+{{- end }}
+{{- if and $v.networkPolicy.enabled $v.networkPolicy.egress.enabled (not (or $v.networkPolicy.egress.brokerCIDRs $v.networkPolicy.egress.brokerPeers)) }}
+{{- fail "networkPolicy.egress.enabled needs networkPolicy.egress.brokerCIDRs or brokerPeers: without them the pods could reach no broker" }}
+{{- end }}
 {{- if not (has $v.catalog.source (list "pvc" "initContainer")) }}
 {{- fail (printf "catalog.source must be pvc or initContainer, got %q" $v.catalog.source) }}
 {{- end }}
@@ -198,6 +267,15 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if le ($v.terminationGracePeriodSeconds | int) ($v.settings.shutdownTimeoutS | int) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than settings.shutdownTimeoutS (%d), or pods are killed mid-drain" ($v.terminationGracePeriodSeconds | int) ($v.settings.shutdownTimeoutS | int)) }}
+{{- end }}
+{{- $notReady := include "shelfmatch.notReadyAfterSeconds" . | int }}
+{{- $minReady := include "shelfmatch.minReadySeconds" . | int }}
+{{- if le $minReady $notReady }}
+{{- fail (printf "minReadySeconds (%d) must be above %d s (kafka.publishTimeoutMs, then the readiness probe's periodSeconds x failureThreshold): a release that cannot publish would count as available and the rollout would move on" $minReady $notReady) }}
+{{- end }}
+{{- $startup := include "shelfmatch.startupBudgetSeconds" . | int }}
+{{- if le ($v.progressDeadlineSeconds | int) (add $startup $minReady) }}
+{{- fail (printf "progressDeadlineSeconds (%d) must exceed the startup probe's budget (%d s) plus minReadySeconds (%d s), or a healthy slow start is reported as a failed rollout" ($v.progressDeadlineSeconds | int) $startup $minReady) }}
 {{- end }}
 {{- if and (eq (include "shelfmatch.device" .) "cuda") (not $v.gpu.enabled) }}
 {{- fail "settings.device is cuda but gpu.enabled is false: the pod would get no GPU" }}

@@ -41,9 +41,9 @@ from catalog.embedder import Embedder, resolve_device  # noqa: E402
 from catalog.matcher import Matcher  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.planogram import parse_planogram  # noqa: E402
-from catalog.preprocess import DecodeLimits  # noqa: E402
+from catalog.preprocess import DecodeLimits, decode_frame, to_tensor  # noqa: E402
 from consumer.batcher import batches  # noqa: E402
-from consumer.facings import Frames  # noqa: E402
+from consumer.facings import Facing, Frames, crop  # noqa: E402
 from consumer.metrics import Metrics  # noqa: E402
 from consumer.pipeline import Recognizer, Topics, finish_decoding, process  # noqa: E402
 from consumer.settings import available_cpus  # noqa: E402
@@ -79,10 +79,20 @@ def planogram(skus: list[str], facings: int) -> dict:
             "x1": (j % per_row + 1) / per_row, "y1": (j // per_row + 1) / ROWS}} for j in range(facings)]}
 
 
-def model_alone(recognizer: Recognizer, batch: int, seconds: float) -> float:
-    """Facings/s of embed + match on pre-cut uint8 facings (as the service's model thread sees them)."""
-    width, height = recognizer.embedder.input_size
-    x = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, device=recognizer.embedder.device)
+def cut_facings(recognizer: Recognizer, frames: list[bytes], plan: dict, batch: int) -> torch.Tensor:
+    """``batch`` facings of the frames, cut as the service cuts them (the same pixels: a CNN with
+    random weights is not equally fast on noise and on photos, denormal floats differ)."""
+    planogram = parse_planogram(json.dumps(plan))
+    facings = [Facing(region=s.region) for s in planogram.slots]
+    device = recognizer.embedder.device
+    crops = [crop(to_tensor(decode_frame(f, 1600).image), facings, recognizer.embedder.input_size, device)
+             for f in frames[: -(-batch // len(facings))]]
+    return torch.cat(crops)[:batch]
+
+
+def model_alone(recognizer: Recognizer, x: torch.Tensor, seconds: float) -> float:
+    """Facings/s of embed + match on facings already cut (as the service's model thread gets them)."""
+    batch = len(x)
     recognizer.matcher.match(recognizer.embedder.embed(x))
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -159,10 +169,11 @@ def main() -> None:
     recognizer = Recognizer(embedder, Matcher(catalog, device=device, threshold=0.5), catalog)
     recognizer.warm_up()
     plan = planogram(skus, args.facings)
-    seconds = args.frames * args.facings / max(1.0, model_alone(recognizer, args.batch, 1.0))
+    x = cut_facings(recognizer, frames, plan, args.batch)
+    seconds = args.frames * args.facings / max(1.0, model_alone(recognizer, x, 1.0))
     alone, through = [], []
     for _ in range(args.repeat):  # alternated, so that a load change on a shared machine hits both sides
-        alone.append(model_alone(recognizer, args.batch, seconds))
+        alone.append(model_alone(recognizer, x, seconds))
         through.append(asyncio.run(service(recognizer, frames, plan, args.batch, workers)))
     best_alone, best_service = max(alone), max(through)
     result = {

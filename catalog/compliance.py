@@ -188,7 +188,9 @@ TARGETS = {"wrong_precision": 0.95, "wrong_recall": 0.90, "empty_precision": 0.9
            "ok_flagged": 0.03}
 
 
-def _sweep(values: np.ndarray, positive: np.ndarray, target_precision: float) -> tuple[float, float, float] | None:
+def best_threshold(
+    values: np.ndarray, positive: np.ndarray, target_precision: float
+) -> tuple[float, float, float] | None:
     """Flag ``values >= t``: the ``t`` with the highest recall whose precision reaches the target, as
     (t, precision, recall); among equal recalls the highest ``t`` (the best precision), so that no
     negative is flagged that does not buy a positive. ``t`` lies halfway between the last flagged
@@ -225,7 +227,7 @@ def calibrate_compliance(
     truth_arr = np.array([FacingStatus(t).value for t in truth])
     empty_margin = np.inf
     if EMPTY_SKU in skus:
-        point = _sweep(fs.empty_lead, truth_arr == FacingStatus.EMPTY.value, empty_precision)
+        point = best_threshold(fs.empty_lead, truth_arr == FacingStatus.EMPTY.value, empty_precision)
         if point is not None:
             empty_margin = point[0]
     rest = (fs.empty_lead < empty_margin) & fs.known
@@ -236,7 +238,7 @@ def calibrate_compliance(
     for floor in floors:
         # wrong when lead < min_lead or the expected score < floor: flag -lead >= -min_lead
         values = np.where(fs.expected_score[rest] < floor, 1e9, -fs.lead[rest])
-        point = _sweep(values, wrong, target_precision)
+        point = best_threshold(values, wrong, target_precision)
         if point is None:
             continue
         t, precision, recall = point

@@ -35,9 +35,12 @@ from catalog.compliance import (
     DEFAULT_COMPLIANCE,
     ComplianceQuality,
     FacingStatus,
+    FacingVerdict,
+    best_threshold,
     calibrate_compliance,
     compliance_quality,
     facing_scores,
+    judge,
     statuses,
 )
 from catalog.embedder import Embedder
@@ -287,6 +290,17 @@ def labelled_facings(frames: Sequence[ShelfFrame], catalog: Catalog, embedder: E
     )
 
 
+def judge_frame(
+    image: Image.Image, planogram: Planogram, catalog: Catalog, embedder: Embedder, *, top_k: int = 5,
+) -> list[FacingVerdict]:
+    """Every slot of one frame judged at the catalogue's operating point, on the CPU (the offline
+    path, for reports and the demo; the service crops, embeds and matches in its own stages)."""
+    pixels = facing_pixels(image, planogram, embedder.input_size)
+    scores = Matcher(catalog, device=torch.device("cpu")).scores(embedder.embed(pixels))
+    return judge(scores, catalog.skus, planogram.skus(), [s.id for s in planogram.slots],
+                 calibration=catalog.compliance, top_k=top_k)
+
+
 def with_empty_entry(
     catalog: Catalog, embedder: Embedder, folder: Path, *, count: int = 60, seed: int = EMPTY_REFERENCE_SEED,
 ) -> Catalog:
@@ -314,13 +328,14 @@ def photo_halves(photos: Mapping[str, Sequence[Path]]) -> tuple[dict[str, list[P
 def calibrate_on_frames(
     catalog: Catalog, embedder: Embedder, photos: Mapping[str, Sequence[Path]], *, frames: int,
     seed: int = CALIBRATION_SEED, target_precision: float = 0.95, empty_folder: Path | None = None,
+    empty_references: int = 60,
 ) -> tuple[Catalog, LabelledFacings]:
     """``catalog`` with its compliance operating point chosen on ``frames`` composed frames (and the
     empty entry added first, its references under ``empty_folder``, when it has none)."""
     if EMPTY_SKU not in catalog.skus:
         if empty_folder is None:
             raise ValueError(f"the catalogue has no {EMPTY_SKU} entry: give a folder for its references")
-        catalog = with_empty_entry(catalog, embedder, empty_folder)
+        catalog = with_empty_entry(catalog, embedder, empty_folder, count=empty_references)
     labelled = labelled_facings(compose_frames(photos, frames, seed=seed), catalog, embedder)
     try:
         point = calibrate_compliance(labelled.scores, catalog.skus, labelled.expected, labelled.truth,
@@ -335,8 +350,22 @@ class ComplianceEvaluation:
     stored: ComplianceQuality  # at the catalogue's operating point (DEFAULT_COMPLIANCE without one)
     default_rule: ComplianceQuality  # expected product best, empty entry best: no calibration
     cross_validated: tuple[ComplianceQuality, ...]  # calibrated on one photo half, measured on the other
+    # Gaps without the empty entry: "the best product scores below t", t chosen on one photo half
+    # (highest recall at 98% precision), (precision, recall) of empty measured on the other.
+    empty_by_threshold: tuple[tuple[float | None, float | None], ...]
     frames: int
     facings: int
+
+
+def _evaluation_frames(photos: Mapping[str, Sequence[Path]], frames: int, seed: int) -> list[list[ShelfFrame]]:
+    halves = photo_halves(photos)
+    return [compose_frames(half, frames // 2 + (frames % 2 if i == 0 else 0), seed=seed * 2 + i)
+            for i, half in enumerate(halves)]
+
+
+def evaluation_sample(photos: Mapping[str, Sequence[Path]], seed: int = EVALUATION_SEED) -> ShelfFrame:
+    """The first frame :func:`evaluate_on_frames` composes (to render one)."""
+    return _evaluation_frames(photos, 1, seed)[0][0]
 
 
 def evaluate_on_frames(
@@ -345,9 +374,7 @@ def evaluate_on_frames(
 ) -> ComplianceEvaluation:
     """Compliance quality on ``frames`` composed frames: half from each photo half, so that a
     2-fold cross-validation by photo comes from the same embeddings."""
-    halves = photo_halves(photos)
-    parts = [compose_frames(half, frames // 2 + (frames % 2 if i == 0 else 0), seed=seed * 2 + i)
-             for i, half in enumerate(halves)]
+    parts = _evaluation_frames(photos, frames, seed)
     facings = [labelled_facings(part, catalog, embedder) for part in parts]
     every = LabelledFacings(
         scores=np.concatenate([f.scores for f in facings]), expected=sum((f.expected for f in facings), ()),
@@ -358,8 +385,9 @@ def evaluate_on_frames(
         fs = facing_scores(part.scores, catalog.skus, part.expected)
         return compliance_quality(statuses(fs, point), part.truth)
 
-    folds = []
+    folds, by_threshold = [], []
     for fit, held in ((facings[0], facings[1]), (facings[1], facings[0])):
+        by_threshold.append(_empty_by_threshold(fit, held, catalog.skus))
         try:
             point = calibrate_compliance(fit.scores, catalog.skus, fit.expected, fit.truth,
                                          target_precision=target_precision)
@@ -369,5 +397,25 @@ def evaluate_on_frames(
     return ComplianceEvaluation(
         stored=measured(every, catalog.compliance or DEFAULT_COMPLIANCE),
         default_rule=measured(every, DEFAULT_COMPLIANCE), cross_validated=tuple(folds),
+        empty_by_threshold=tuple(by_threshold),
         frames=sum(len(p) for p in parts), facings=len(every.truth),
     )
+
+
+def _empty_by_threshold(
+    fit: LabelledFacings, held: LabelledFacings, skus: Sequence[str]
+) -> tuple[float | None, float | None]:
+    """Empty precision and recall on ``held`` of a threshold on the best real product's score alone
+    (no empty entry), chosen on ``fit``."""
+    def best_and_empty(part: LabelledFacings) -> tuple[np.ndarray, np.ndarray]:
+        fs = facing_scores(part.scores, skus, part.expected)
+        return fs.best, np.array([t is FacingStatus.EMPTY for t in part.truth])
+
+    best, empty = best_and_empty(fit)
+    point = best_threshold(-best, empty, 0.98)
+    if point is None:
+        return None, None
+    best, empty = best_and_empty(held)
+    flagged = -best >= point[0]
+    hit = int((flagged & empty).sum())
+    return (hit / int(flagged.sum()) if flagged.any() else None), (hit / int(empty.sum()) if empty.any() else None)

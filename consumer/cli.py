@@ -151,7 +151,8 @@ def _catalog_train_head(args: argparse.Namespace) -> int:
                       scale=args.scale, weight_decay=args.weight_decay)
     trained = catalog_from_vectors(refs, project(head, features), backbone.with_head(head), catalog.weights_source)
     trained.save(args.out)
-    cleared = " (its calibration no longer applies: calibrate this one again)" if catalog.calibration else ""
+    cleared = (" (its calibration no longer applies: calibrate this one again)"
+               if catalog.calibration or catalog.compliance else "")
     print(f"wrote {args.out}{cleared}")
     print(trained.summary())
     return 0
@@ -182,15 +183,30 @@ def _catalog_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shelf_photos(args: argparse.Namespace, skus: Sequence[str]) -> dict[str, list[Path]]:
+    """The photos frames are composed from: --photos DIR/<sku>/<image>, else the dataset's val split."""
+    from catalog.build import references_from_folder
+    from catalog.shelf import val_photos
+
+    if not args.photos:
+        return val_photos(Path(args.dataset), skus)
+    photos: dict[str, list[Path]] = {}
+    for ref in references_from_folder(Path(args.photos)):
+        if ref.sku in skus:
+            photos.setdefault(ref.sku, []).append(ref.path)
+    return photos
+
+
 def _catalog_calibrate_compliance(args: argparse.Namespace) -> int:
-    from catalog.shelf import calibrate_on_frames, val_photos
+    from catalog.shelf import calibrate_on_frames
     from catalog.store import Catalog
 
     catalog = Catalog.load(args.catalog)
     out = Path(args.out or args.catalog)
     calibrated, labelled = calibrate_on_frames(
-        catalog, _model_for(catalog, args.device), val_photos(Path(args.dataset), catalog.skus), frames=args.frames,
+        catalog, _model_for(catalog, args.device), _shelf_photos(args, catalog.skus), frames=args.frames,
         seed=args.seed, target_precision=args.target_precision, empty_folder=out.parent / f"{out.stem}.empty",
+        empty_references=args.empty_references,
     )
     calibrated.save(out)
     c = calibrated.compliance
@@ -204,14 +220,16 @@ def _eval_compliance(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from catalog.compliance import format_quality
-    from catalog.shelf import evaluate_on_frames, val_photos
+    from catalog.render import render_compliance
+    from catalog.shelf import evaluate_on_frames, evaluation_sample, judge_frame
     from catalog.store import Catalog
 
     if not args.catalog or len(args.catalog) != 1:
         raise CatalogError("--compliance evaluates one catalogue: give --catalog FILE once")
     catalog = Catalog.load(args.catalog[0])
-    result = evaluate_on_frames(catalog, _model_for(catalog, args.device),
-                                val_photos(Path(args.dataset), catalog.skus), frames=args.frames,
+    embedder = _model_for(catalog, args.device)
+    photos = _shelf_photos(args, catalog.skus)
+    result = evaluate_on_frames(catalog, embedder, photos, frames=args.frames,
                                 target_precision=args.target_precision or 0.95)
     print(f"{result.frames} composed frames from the val photos, {result.facings} facings")
     stored = "the catalogue's operating point" if catalog.compliance else "no stored operating point: the default rule"
@@ -219,13 +237,20 @@ def _eval_compliance(args: argparse.Namespace) -> int:
     print(format_quality("default rule (expected product best, empty entry best)", result.default_rule))
     for i, fold in enumerate(result.cross_validated):
         print(format_quality(f"2-fold by photo, fold {i} (calibrated on the other half's frames)", fold))
+    for i, (precision, recall) in enumerate(result.empty_by_threshold):
+        shown = "n/a" if precision is None or recall is None else f"{100 * precision:.1f}% / {100 * recall:.1f}%"
+        print(f"empty by a threshold on the best product's score alone (no empty entry), fold {i}: "
+              f"precision / recall {shown}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report = {"catalog_version": catalog.version, "compliance": asdict(catalog.compliance) if catalog.compliance
                   else None, **asdict(result)}
         (out / "compliance.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out / 'compliance.json'}")
+        frame = evaluation_sample(photos)
+        verdicts = judge_frame(frame.image, frame.planogram, catalog, embedder)
+        render_compliance(frame.image, frame.planogram, verdicts).save(out / "compliance-frame.png")
+        print(f"wrote {out / 'compliance.json'} and {out / 'compliance-frame.png'} (one evaluation frame)")
     return 0
 
 
@@ -441,7 +466,10 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("--catalog", required=True, help="catalogue file to calibrate (gains the __empty__ entry "
                     "if it lacks one, from generated empty bays written beside --out)")
     cc.add_argument("--dataset", default=str(_default_dataset()), help="the Grocery Store Dataset folder")
+    cc.add_argument("--photos", help="compose from DIR/<sku>/<image> instead of the dataset's val split")
     cc.add_argument("--frames", type=int, default=40, help="composed frames, 24 facings each (default 40)")
+    cc.add_argument("--empty-references", type=int, default=60, metavar="N",
+                    help="generated empty-bay crops for the __empty__ entry, when it is added (default 60)")
     cc.add_argument("--seed", type=int, default=1, help="seed of the composed frames (eval uses 2)")
     cc.add_argument("--target-precision", type=float, default=0.95,
                     help="least share of right 'wrong-product' calls (default 0.95)")
@@ -491,6 +519,7 @@ def parser() -> argparse.ArgumentParser:
                     help="planogram compliance on shelf frames composed from the val photos (one --catalog)")
     ev.add_argument("--dataset", default=str(_default_dataset()), help="for --compliance: the Grocery Store folder")
     ev.add_argument("--frames", type=int, default=40, help="for --compliance: composed frames (default 40)")
+    ev.add_argument("--photos", help="for --compliance: compose from DIR/<sku>/<image>, not the val split")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
 

@@ -18,7 +18,7 @@ from catalog.planogram import (
     rectify,
 )
 from catalog.preprocess import to_tensor
-from tests.photos import photo, store_photos
+from tests.photos import ROOT, photo, store_photos
 
 
 def slot(id: str, x0: float, y0: float, x1: float, y1: float, sku: str = "Banana", **region) -> dict:
@@ -126,3 +126,10 @@ def test_rectifying_a_quadrilateral_undoes_a_perspective_warp():
     unrectified = (torch.nn.functional.interpolate(warped[None], size=(128, 128))[0][inner] - image[inner]).abs()
     assert err < 12 and err < unrectified.mean().item() / 2
     assert np.isfinite(err)
+
+
+def test_the_readme_planogram_example_validates():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index('{"camera_id": "store-12-cam-03"')
+    example = parse_planogram(readme[start:readme.index("```", start)])
+    assert example.slots[1].region.corners is not None and len(example.slots) == 2

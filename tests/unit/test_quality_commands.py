@@ -109,3 +109,24 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
         model = load_model(Settings(catalog=path, threshold=0.7), catalog, torch.device("cpu"))  # refuses a mismatch
         assert model.embedder.input_size == (288, 288)
     assert Catalog.load(built).fingerprint.dim == 1280  # global pooling: the same dimension at any size
+
+
+def test_compliance_is_calibrated_into_the_catalogue_then_evaluated_and_rendered(tmp_path, grocery_catalog):
+    out = tmp_path / "compliance.safetensors"
+    code = main(["catalog", "calibrate-compliance", "--catalog", str(grocery_catalog[1]), "--photos", str(PHOTOS),
+                 "--frames", "3", "--empty-references", "6", "--target-precision", "0.8", "--out", str(out),
+                 "--device", "cpu"])
+    assert code == 0
+    catalog = Catalog.load(out)
+    assert catalog.compliance is not None and "__empty__" in catalog.skus
+    assert len(list((tmp_path / "compliance.empty").glob("*.png"))) == 6
+    assert Catalog.load(grocery_catalog[1]).compliance is None  # --out wrote a copy
+
+    code = main(["eval", "--compliance", "--catalog", str(out), "--photos", str(PHOTOS), "--frames", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "report")])
+    assert code == 0
+    report = json.loads((tmp_path / "report" / "compliance.json").read_text())
+    assert report["compliance"]["min_lead"] == catalog.compliance.min_lead
+    assert report["facings"] == 48 and report["stored"]["facings"] == 48
+    assert report["stored"]["empty_recall"] in (None, 1.0)  # generated empties are easy (docs/quality.md)
+    assert (tmp_path / "report" / "compliance-frame.png").stat().st_size > 10_000

@@ -18,6 +18,7 @@ from catalog.shelf import (
     compose_frames,
     empty_patches,
     facing_pixels,
+    judge_frame,
     labelled_facings,
     photo_halves,
     with_empty_entry,
@@ -108,3 +109,6 @@ def test_labelled_facings_match_every_crop_against_a_catalogue_with_the_empty_en
     assert np.all(got.scores <= 1.0 + 1e-4) and torch.isfinite(torch.from_numpy(got.scores)).all()
     assert list(got.frame) == [0] * 8 + [1] * 8
     assert got.truth == tuple(t.status for f in frames for t in f.truth)
+    verdicts = judge_frame(frames[0].image, frames[0].planogram, with_empty, embedder)
+    assert [v.slot_id for v in verdicts] == [s.id for s in frames[0].planogram.slots]
+    assert [v.expected for v in verdicts] == list(frames[0].planogram.skus())

@@ -6,7 +6,7 @@
 #   make kafka-start / kafka-stop                     a local Apache Kafka 4.x broker for development
 #   make lock                                         re-pin requirements.lock from pyproject.toml
 #   make tools                                        build the deployment checkers once into .cache/tools/
-#   make chart-sync                                   copy deploy/grafana/shelfmatch.json into the Helm chart
+#   make chart-sync                                   copy the dashboards of deploy/grafana/ into the Helm chart
 #   make image                                        build the Dockerfile for real with podman (tests/deploy/test_image.py)
 
 PYTHON ?= python3
@@ -133,10 +133,10 @@ $(IMAGE_OUT)/image.id: $(IMAGE_OUT)/base.id $(IMAGE_SOURCES) $(BIN)/.installed $
 
 image: $(IMAGE_OUT)/image.id
 
-# The dashboard's one source is deploy/grafana/shelfmatch.json; the chart carries a copy
-# (helm packages no symlinks), and tests/deploy fails when the two differ.
+# The dashboards' one source is deploy/grafana/ (operations, compliance); the chart carries copies
+# (helm packages no symlinks), and tests/deploy fails when they differ.
 chart-sync:
-	cp deploy/grafana/shelfmatch.json helm/shelfmatch/dashboards/shelfmatch.json
+	cp deploy/grafana/shelfmatch.json deploy/grafana/shelfmatch-compliance.json helm/shelfmatch/dashboards/
 
 clean:
 	rm -rf $(VENV) .cache out

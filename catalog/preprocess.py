@@ -134,6 +134,19 @@ def _decode_opened(img: Image.Image, sniffed: str, size: tuple[int, int]) -> Dec
         raise ImageRejected(RejectReason.CORRUPT_IMAGE.value, f"{sniffed} body undecodable: {exc}") from exc
 
 
+def decode_frame(data: bytes, max_side: int, limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Decode ``data`` upright, keeping its aspect ratio, with its longer side at most ``max_side``
+    (a shelf frame whose facings are cropped afterwards). Same checks and reasons as :func:`decode`;
+    ``width`` and ``height`` are the original's, the image may be smaller."""
+    img, sniffed = _open(data, limits)
+    width, height = img.size
+    if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+        width, height = height, width
+    scale = min(1.0, max_side / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return _decode_opened(img, sniffed, size)
+
+
 @dataclass(frozen=True)
 class PlainJpeg:
     """A JPEG that passed every header check and needs nothing but decoding and resizing, so

@@ -1,4 +1,4 @@
-"""``shelfmatch topics create``: the three topics the service needs, made with Kafka's admin API."""
+"""``shelfmatch topics create``: the topics the service needs, made with Kafka's admin API."""
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -12,18 +12,23 @@ from consumer.settings import Settings
 async def create_topics(
     settings: Settings, *, partitions: int, replication_factor: int, retention_ms: int,
 ) -> list[str]:
-    """Create the input, output and dead-letter topics that do not exist yet; one line each.
+    """Create the input, output and dead-letter topics (and the planogram topic, when one is
+    set) that do not exist yet; one line each.
 
     The input topic gets ``partitions`` (the most consumers that can share the work); the output
     topic as many, so that events stay in per-camera order at the same parallelism; the
     dead-letter topic one. Input and dead letters are kept ``retention_ms``; every topic accepts
-    records as large as the service does (``max.message.bytes``)."""
+    records as large as the service does (``max.message.bytes``). The planogram topic is
+    compacted (the latest record per camera is kept forever, tombstones a day) with one partition:
+    every replica reads it whole, and it is small."""
     max_bytes = str(settings.max_message_bytes + RECORD_OVERHEAD_BYTES)  # as the service fetches and produces
     wanted = [
         (settings.input_topic, partitions, {"retention.ms": str(retention_ms), "max.message.bytes": max_bytes}),
         (settings.output_topic, partitions, {"max.message.bytes": max_bytes}),
         (settings.dlq_topic, 1, {"retention.ms": str(retention_ms), "max.message.bytes": max_bytes}),
     ]
+    if settings.planogram_topic is not None:
+        wanted.append((settings.planogram_topic, 1, {"cleanup.policy": "compact", "delete.retention.ms": "86400000"}))
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
                                 **kafka_security(settings))
     try:

@@ -37,9 +37,11 @@ from catalog.store import Catalog
 from consumer.acls import check_input_readable, missing_acl
 from consumer.delivery import PartitionOwner, Sink
 from consumer.errors import ConfigurationError
+from consumer.facings import Frames
 from consumer.health import Health, Watchdog
 from consumer.metrics import Metrics
 from consumer.pipeline import DrainOnRevoke, Recognizer, Topics, run_pipeline
+from consumer.planograms import FilePlanograms, PlanogramTable, TopicPlanograms
 from consumer.probe import OutputProbe
 from consumer.settings import Settings, available_cpus
 from consumer.sink import AtLeastOnceSink
@@ -239,6 +241,7 @@ class Service:
     watcher: CatalogWatcher
     watchdog: Watchdog
     probe: OutputProbe
+    planograms: PlanogramTable
 
     @classmethod
     async def build(cls, settings: Settings, registry: CollectorRegistry) -> Service:
@@ -280,6 +283,9 @@ class Service:
             settings.catalog, recognizer, pool=pools.catalog, metrics=metrics, poll_s=settings.catalog_poll_s,
             top_k=settings.top_k, threshold=settings.threshold, min_margin=settings.min_margin, seen=seen,
         )
+        planograms = PlanogramTable(metrics, lambda: recognizer.matcher.skus)
+        if settings.planograms is not None:
+            await planograms.follow(FilePlanograms(settings.planograms))
         watchdog = Watchdog(settings.stall_timeout_s, metrics.pipeline_stalled)
         probe = OutputProbe((settings.output_topic, settings.dlq_topic), dict(
             bootstrap_servers=settings.kafka_bootstrap_servers, client_id=settings.client_id,
@@ -289,7 +295,7 @@ class Service:
         http = start_http(settings, registry, health, watchdog)
         return cls(settings=settings, metrics=metrics, health=health, device=device, recognizer=recognizer,
                    pools=pools, consumer=consumer, sink=sink, owner=owner, in_flight=InFlight(metrics), http=http,
-                   watcher=watcher, watchdog=watchdog, probe=probe)
+                   watcher=watcher, watchdog=watchdog, probe=probe, planograms=planograms)
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Consume until SIGTERM/SIGINT (or ``stop`` is set), then drain; return the process exit
@@ -315,6 +321,7 @@ class Service:
                 stopping = tg.create_task(stop.wait(), name="stop")
                 watching = tg.create_task(self.watcher.run(), name="catalog-watch") if settings.catalog_poll_s else None
                 probing = tg.create_task(self.probe.run(self.health), name="output-probe")
+                following = await self._follow_planograms(tg)
                 pipeline = tg.create_task(run_pipeline(
                     self.consumer, self.sink, recognizer=self.recognizer,
                     topics=Topics(output=settings.output_topic, dead_letter=settings.dlq_topic),
@@ -328,6 +335,7 @@ class Service:
                     poll_every_s=settings.max_poll_interval_ms / 3000,
                     unreadable=UnreadableBatches(settings.on_unreadable_batch, consumer_config(settings), self.metrics),
                     watchdog=self.watchdog,
+                    frames=Frames(self.planograms.snapshot, settings.frame_max_side),
                 ), name="pipeline")
                 await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not pipeline.done():
@@ -343,6 +351,8 @@ class Service:
                 probing.cancel()
                 if watching is not None:
                     watching.cancel()
+                if following is not None:
+                    following.cancel()
         except* UnreadableBatchError as failed:  # says all there is to say in one line
             for exc in _leaves(failed):
                 log.error("stopping: %s", exc)
@@ -372,6 +382,22 @@ class Service:
             except TimeoutError:
                 log.warning("closing the Kafka %s took over %.0fs (SHELFMATCH_CLOSE_TIMEOUT_S); exiting without it",
                             name, self.settings.close_timeout_s)
+
+    async def _follow_planograms(self, tg: asyncio.TaskGroup) -> asyncio.Task[None] | None:
+        """Start reading the planogram topic, if there is one, and wait (up to planogram_wait_s)
+        until what it held at start is applied, so the first photos meet their planograms."""
+        settings = self.settings
+        if settings.planogram_topic is None:
+            return None
+        up_to_date = asyncio.Event()
+        source = TopicPlanograms(settings.planogram_topic, consumer_config(settings))
+        task = tg.create_task(self.planograms.follow(source, up_to_date), name="planograms")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(up_to_date.wait()), settings.planogram_wait_s)
+        if not up_to_date.is_set():
+            log.warning("planogram topic %s not read to its end after %.0fs; consuming meanwhile",
+                        settings.planogram_topic, settings.planogram_wait_s)
+        return task
 
     def close(self) -> None:
         self.pools.shutdown()

@@ -345,10 +345,16 @@ def _catalog_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schema(_: argparse.Namespace) -> int:
-    from consumer.messages import MatchEvent
+SCHEMAS = ("match-event", "compliance-event", "planogram")
 
-    print(json.dumps(MatchEvent.model_json_schema(), indent=2))
+
+def _schema(args: argparse.Namespace) -> int:
+    from catalog.planogram import planogram_schema
+    from consumer.messages import ComplianceEvent, MatchEvent
+
+    schemas = {"match-event": MatchEvent.model_json_schema, "compliance-event": ComplianceEvent.model_json_schema,
+               "planogram": planogram_schema}
+    print(json.dumps(schemas[args.which](), indent=2))
     return 0
 
 
@@ -533,7 +539,10 @@ def parser() -> argparse.ArgumentParser:
     _add_settings_flags(create)
     create.set_defaults(func=_topics_create)
 
-    schema = sub.add_parser("schema", help="print the JSON Schema of the MatchEvent")
+    schema = sub.add_parser("schema", help="print the JSON Schema of an event or of a planogram record")
+    schema.add_argument("which", nargs="?", choices=SCHEMAS, default="match-event",
+                        help="match-event (a photo matched whole; the default), compliance-event (a photo with "
+                        "regions) or planogram (a record of SHELFMATCH_PLANOGRAMS or SHELFMATCH_PLANOGRAM_TOPIC)")
     schema.set_defaults(func=_schema)
     return top
 

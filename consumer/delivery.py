@@ -60,7 +60,8 @@ class OutRecord:
     key: bytes | None
     headers: list[tuple[str, bytes]]
     source_timestamp_ms: int
-    verdict: str | None = None  # set on match events
+    verdict: str | None = None  # set on events: a MatchEvent's verdict, or "compliance"
+    facings: tuple[tuple[str, int], ...] = ()  # a ComplianceEvent's facings per status
     dead_letter: str | None = None  # the reason, set on dead letters
 
 
@@ -138,6 +139,8 @@ def record_delivered(metrics: Metrics, records: Iterable[OutRecord], acked_at: f
         else:
             metrics.photos.labels("matched").inc()
             metrics.verdicts.labels(r.verdict).inc()
+            for status, n in r.facings:
+                metrics.facings.labels(status).inc(n)
 
 
 class Retry:

@@ -1,7 +1,10 @@
-"""The wire contract: input headers, the MatchEvent published per photo, dead-letter headers.
+"""The wire contract: input headers, the events published per photo, dead-letter headers.
 
-``shelfmatch schema`` prints the JSON Schema of :class:`MatchEvent`. Changes that remove or
-retype a field bump ``SCHEMA_VERSION``; adding optional fields does not.
+A photo matched whole gets a :class:`MatchEvent` (``schema_version`` 1); a photo with regions
+(its camera's planogram, or boxes in the ``shelfmatch-boxes`` header: see :mod:`consumer.facings`)
+gets a :class:`ComplianceEvent` (``schema_version`` 2), one per photo, with a result per facing.
+``shelfmatch schema`` prints the JSON Schema of each. Changes that remove or retype a field bump
+the version; adding optional fields does not.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from catalog.errors import ImageRejected
 from catalog.preprocess import RejectReason
 
 SCHEMA_VERSION: Literal[1] = 1
+COMPLIANCE_SCHEMA_VERSION: Literal[2] = 2
 
 # Input headers we read; anything else is ignored.
 HEADER_CAMERA = "camera-id"
@@ -163,3 +167,78 @@ def dead_letter_headers(
     if truncated_from is not None:
         ours.append(("dlq-value-truncated-from", str(truncated_from)))
     return [*headers, *((k, v.encode()) for k, v in ours)]
+
+
+# The status of a facing. Bounded (four values), so it labels shelfmatch_facings_total.
+FacingStatus = Literal["ok", "wrong-product", "empty", "unknown"]
+FACING_STATUSES: tuple[FacingStatus, ...] = ("ok", "wrong-product", "empty", "unknown")
+
+
+class Box(_Model):
+    """A region in normalised frame coordinates (0..1, origin top-left)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+class FacingResult(_Model):
+    """What one facing of the frame holds, and whether that is what belongs there."""
+
+    slot: str | None = Field(description="planogram slot id; null for a detector box that no slot covers")
+    box_id: str | None = Field(None, description="the detector's id of the box, when the photo came with boxes")
+    region: Box
+    expected_sku: str | None = Field(description="the planogram's product for the slot; null without one")
+    status: FacingStatus = Field(description="ok | wrong-product | empty | unknown (see the README)")
+    best: Candidate
+    margin: float | None = Field(
+        description="the expected product's score minus the best other product's (the verification's lead); "
+        "null without an expected product in the catalogue")
+    expected_score: float | None = Field(description="the expected product's score; null without one")
+    empty_score: float | None = Field(description="the score of the reserved empty-shelf entry; null without one")
+    candidates: list[Candidate] = Field(description="top-k products, best first")
+
+
+class PlanogramRef(_Model):
+    camera_id: str
+    version: str = Field(description="the planogram's own version string, as published")
+
+
+class FrameSummary(_Model):
+    facings: int
+    counts: dict[FacingStatus, int] = Field(description="facings per status (every status present, 0 included)")
+    compliance: float | None = Field(
+        description="ok / (facings - unknown): the share of the facings that could be judged that hold the "
+        "right product; null when none could")
+    share_of_shelf: dict[str, float] = Field(
+        description="per product shown (the expected one for ok, the best other for wrong-product), its share of "
+        "the facings that show a product")
+
+
+class OperatingPoint(_Model):
+    """The verification's operating point (``shelfmatch catalog calibrate-compliance``)."""
+
+    min_lead: float
+    min_score: float
+    empty_margin: float
+    unknown_below: float
+
+
+class ComplianceEvent(_Model):
+    """One per input photo that has regions, keyed like the input record."""
+
+    schema_version: Literal[2] = COMPLIANCE_SCHEMA_VERSION
+    event_id: str = Field(description='"{topic}/{partition}/{offset}" of the input record; stable across retries')
+    source: Source
+    photo: Photo
+    catalog: CatalogRef
+    regions_from: Literal["planogram", "boxes"]
+    planogram: PlanogramRef | None = Field(description="the planogram in force for the camera; null without one")
+    facings: list[FacingResult] = Field(description="in planogram slot order, or the header's box order")
+    summary: FrameSummary
+    operating_point: OperatingPoint | None = Field(
+        description="the catalogue's compliance calibration the statuses were judged with; null: the default rule "
+        "(ok when the expected product scores best, empty when the empty-shelf entry does)")
+    latency_ms: Latency
+    processed_at: datetime

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from catalog.planogram import PlanogramReason
+from consumer.messages import FACING_STATUSES
+
+# Why a planogram record was refused: the model's own reasons, and the record's key naming
+# another camera than its body (consumer.planograms).
+PLANOGRAM_REJECTIONS = (*(r.value for r in PlanogramReason), "camera-mismatch")
+
 # Seconds, from a few ms (one photo's decode) to an hour: a backlog drained after an outage, as long
 # as the lag and no-events alerts let one build up. histogram_quantile never reads above the top bucket,
 # so every latency an alert names (prometheusRule.alerts.latencyP99) must lie below it.
@@ -103,6 +110,19 @@ class Metrics:
             "plain JPEGs the device decoder refused or could not resize, decoded by Pillow instead",
             registry=registry,
         )
+        # Both label sets are closed: the four facing statuses, and catalog.planogram.PlanogramReason.
+        self.facings = Counter(
+            "shelfmatch_facings",
+            "Facings in acknowledged compliance events, by status (ok, wrong-product, empty, unknown)",
+            ["status"], registry=registry,
+        )
+        self.planogram_rejections = Counter(
+            "shelfmatch_planogram_rejections",
+            "Planogram records refused (the previous planogram stays in force), by reason",
+            ["reason"], registry=registry,
+        )
+        self.planograms = Gauge(
+            "shelfmatch_planograms", "Cameras with a planogram in force", registry=registry)
         self.gpu_memory = Gauge(
             "shelfmatch_gpu_memory_bytes", "CUDA memory of this process", ["kind"], registry=registry)
         for stage in STAGES:
@@ -111,6 +131,10 @@ class Metrics:
             self.photos.labels(outcome)
         for result in SWAP_RESULTS:
             self.catalog_swaps.labels(result)
+        for status in FACING_STATUSES:
+            self.facings.labels(status)
+        for reason in PLANOGRAM_REJECTIONS:
+            self.planogram_rejections.labels(reason)
 
     def catalog_serving(self, *, version: str, model: str, products: int, references: int, device_bytes: int) -> None:
         """Describe the catalogue now in use; ``shelfmatch_catalog_info`` keeps only its label set."""

@@ -6,7 +6,8 @@ stage function        reads                              writes
 1 ``fetch``           Kafka (``AIOKafkaConsumer``)       ``FetchQueue``: ``Received``
 2 ``batches``         ``Received``                       ``list[Received]`` (size or timeout)
 3 ``finish_decoding`` ``list[Received]``                 ``ReadyBatch`` (every photo decoded)
-4 ``process``         ``ReadyBatch``                     ``Outcome`` (events, dead letters)
+4 ``process``         ``ReadyBatch``                     ``Outcome`` (events, dead letters), once
+                                                         every unit (photo or facing) is matched
 5 ``publish``         ``Outcome``                        ``Outcome`` (records sent)
 6 ``commit_in_order`` ``Outcome``                        Kafka (acknowledged, then committed)
 ====================  =================================  ======================================
@@ -46,7 +47,6 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -57,12 +57,14 @@ from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
 from catalog.models import Fingerprint
 from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
-from catalog.store import Calibration, Catalog
+from catalog.store import Calibration, Catalog, ComplianceCalibration
 from consumer.batcher import batches
-from consumer.delivery import Outcome, OutRecord, PartitionOwner, Sink, commit_in_order, publish
+from consumer.delivery import Outcome, PartitionOwner, Sink, commit_in_order, publish
+from consumer.facings import Frames
 from consumer.health import Health, Watchdog
-from consumer.messages import Candidate, CatalogRef, Latency, MatchEvent, Photo, Source, dead_letter_headers, event_id
+from consumer.messages import CatalogRef
 from consumer.metrics import Metrics
+from consumer.recognize import process_units
 from consumer.source import Decoded, DecodedPhoto, FetchQueue, InFlight, PendingJpeg, Poison, Received, fetch
 from consumer.stream import END, QUEUE_DEPTHS, EndOfStream
 from consumer.unreadable import UnreadableBatches
@@ -97,6 +99,7 @@ class Serving:
     ref: CatalogRef
     fingerprint: Fingerprint
     calibration: Calibration | None
+    compliance: ComplianceCalibration | None  # the operating point of facing verdicts (None: the default rule)
     products: int
     references: int
 
@@ -104,7 +107,8 @@ class Serving:
     def of(cls, catalog: Catalog, matcher: Matcher) -> Serving:
         fp = catalog.fingerprint
         return cls(matcher=matcher, ref=CatalogRef(version=catalog.version, model=fp.backbone, weights=fp.weights),
-                   fingerprint=fp, calibration=catalog.calibration, products=len(catalog.skus),
+                   fingerprint=fp, calibration=catalog.calibration, compliance=catalog.compliance,
+                   products=len(catalog.skus),
                    references=len(catalog.row_sku))
 
 
@@ -193,70 +197,6 @@ class Recognizer:
         return matches, embedded - start, time.perf_counter() - embedded
 
 
-def build_outcome(
-    ready: ReadyBatch, matches: list[Match], *, serving: Serving, topics: Topics, embed_s: float,
-    match_s: float, max_dead_letter_bytes: int,
-) -> Outcome:
-    """Turn a processed batch, matched against ``serving``, into output records, in input order,
-    plus its commit offsets."""
-    records: list[OutRecord] = []
-    offsets: dict[TopicPartition, int] = {}
-    photos_in_batch = sum(isinstance(d, DecodedPhoto) for d in ready.decoded)
-    match_iter = iter(matches)
-    now = datetime.now(UTC)
-    created = time.monotonic()
-    for received, result in zip(ready.received, ready.decoded, strict=True):
-        rec = received.record
-        tp = TopicPartition(rec.topic, rec.partition)
-        offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
-        if isinstance(result, Poison):
-            value = rec.value or b""
-            truncated = len(value) if len(value) > max_dead_letter_bytes else None
-            records.append(OutRecord(
-                source=tp,
-                topic=topics.dead_letter,
-                value=value[:max_dead_letter_bytes],
-                key=rec.key,
-                headers=dead_letter_headers(
-                    list(rec.headers), reason=result.reason, error=result.error, topic=rec.topic,
-                    partition=rec.partition, offset=rec.offset, truncated_from=truncated,
-                    first_offset=result.first_offset,
-                ),
-                source_timestamp_ms=rec.timestamp,
-                dead_letter=result.reason,
-            ))
-            continue
-        m = next(match_iter)
-        best_sku, best_score = m.best
-        event = MatchEvent(
-            event_id=event_id(rec.topic, rec.partition, rec.offset),
-            source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp),
-            photo=Photo(width=result.width, height=result.height, **result.fields),
-            catalog=serving.ref,
-            verdict=m.verdict.value,
-            best=Candidate(sku=best_sku, score=best_score),
-            margin=m.margin,
-            candidates=[Candidate(sku=s, score=v) for s, v in m.candidates],
-            threshold=serving.matcher.threshold,
-            min_margin=serving.matcher.min_margin,
-            batch_size=photos_in_batch,
-            latency_ms=Latency(
-                decode=round(result.decode_s * 1e3, 3),
-                batch_wait=round((ready.closed - received.arrived) * 1e3, 3),
-                embed=round(embed_s * 1e3, 3),
-                match=round(match_s * 1e3, 3),
-                pipeline=round((created - received.arrived) * 1e3, 3),
-            ),
-            processed_at=now,
-        )
-        records.append(OutRecord(
-            source=tp, topic=topics.output, value=event.model_dump_json().encode(), key=rec.key,
-            headers=[("content-type", b"application/json")], source_timestamp_ms=rec.timestamp,
-            verdict=m.verdict.value,
-        ))
-    return Outcome(records=records, offsets=offsets, photos=len(ready.received))
-
-
 async def finish_decoding(
     inq: asyncio.Queue[list[Received] | EndOfStream], outq: asyncio.Queue[ReadyBatch | EndOfStream], *,
     recognizer: Recognizer | None, device_pool: Executor, limits: DecodeLimits, metrics: Metrics,
@@ -288,33 +228,16 @@ async def finish_decoding(
 async def process(
     inq: asyncio.Queue[ReadyBatch | EndOfStream], outq: asyncio.Queue[Outcome | EndOfStream], *,
     recognizer: Recognizer, model_pool: Executor, topics: Topics, metrics: Metrics, max_dead_letter_bytes: int,
-    watchdog: Watchdog | None = None,
+    batch_size: int | None = None, batch_max_wait_s: float = 0.0, watchdog: Watchdog | None = None,
 ) -> None:
-    """Stage 4: embed and match the good photos of a batch in one go, against the catalogue
-    serving when the batch starts (a swap meanwhile takes effect from the next batch)."""
-    loop = asyncio.get_running_loop()
-    watchdog = watchdog or UNWATCHED
-    while not isinstance(ready := await inq.get(), EndOfStream):
-        serving = recognizer.serving
-        photos = [d for d in ready.decoded if isinstance(d, DecodedPhoto)]
-        matches: list[Match] = []
-        embed_s = match_s = 0.0
-        if photos:
-            images = [p.pixels for p in photos]
-            with watchdog.running("model"):
-                matches, embed_s, match_s = await loop.run_in_executor(model_pool, recognizer, images, serving)
-            metrics.stage.labels("embed").observe(embed_s)
-            metrics.stage.labels("match").observe(match_s)
-        metrics.batch_size.observe(len(ready.received))
-        for r, d in zip(ready.received, ready.decoded, strict=True):
-            metrics.stage.labels("batch_wait").observe(ready.closed - r.arrived)
-            if isinstance(d, DecodedPhoto):
-                metrics.stage.labels("decode").observe(d.decode_s)
-        await outq.put(build_outcome(
-            ready, matches, serving=serving, topics=topics, embed_s=embed_s, match_s=match_s,
-            max_dead_letter_bytes=max_dead_letter_bytes,
-        ))
-    await outq.put(END)
+    """Stage 4: embed and match every unit (a whole photo, or a facing of a frame) in batches of
+    ``batch_size`` units (default: the embedder's), each input batch against the catalogue serving
+    when it starts (see :mod:`consumer.recognize`)."""
+    await process_units(
+        inq, outq, recognizer=recognizer, model_pool=model_pool, topics=topics, metrics=metrics,
+        max_dead_letter_bytes=max_dead_letter_bytes, batch_size=batch_size or recognizer.embedder.batch_size,
+        batch_max_wait_s=batch_max_wait_s, watchdog=watchdog or UNWATCHED,
+    )
 
 
 class DrainOnRevoke(ConsumerRebalanceListener):
@@ -366,10 +289,11 @@ async def run_pipeline(
     consumer: AIOKafkaConsumer, sink: Sink, *, recognizer: Recognizer, topics: Topics, decode_pool: Executor,
     model_pool: Executor, device_pool: Executor, limits: DecodeLimits, batch_size: int, batch_max_wait_s: float,
     in_flight: InFlight, metrics: Metrics, stop: asyncio.Event, poll_every_s: float,
-    unreadable: UnreadableBatches | None = None, watchdog: Watchdog | None = None,
+    unreadable: UnreadableBatches | None = None, watchdog: Watchdog | None = None, frames: Frames | None = None,
 ) -> None:
-    """Run every stage until ``stop`` is set and the last fetched batch is committed. The
-    decode and model stages report their work to ``watchdog``."""
+    """Run every stage until ``stop`` is set and the last fetched batch is committed. The decode
+    and model stages report their work to ``watchdog``. With ``frames``, photos with regions are
+    matched facing by facing (:mod:`consumer.facings`)."""
     watchdog = watchdog or UNWATCHED
     size = recognizer.embedder.input_size
     fetched = FetchQueue(maxsize=QUEUE_DEPTHS.fetched(batch_size))
@@ -381,7 +305,7 @@ async def run_pipeline(
         tg.create_task(fetch(
             consumer, fetched, pool=decode_pool, size=size, limits=limits, stop=stop,
             in_flight=in_flight, metrics=metrics, max_records=batch_size, poll_every_s=poll_every_s,
-            device_jpeg=recognizer.jpeg_decoder is not None, unreadable=unreadable,
+            device_jpeg=recognizer.jpeg_decoder is not None, unreadable=unreadable, frames=frames,
         ), name="fetch")
         tg.create_task(batches(fetched, batched, max_size=batch_size, max_wait_s=batch_max_wait_s), name="batch")
         tg.create_task(finish_decoding(
@@ -391,6 +315,10 @@ async def run_pipeline(
         tg.create_task(process(
             ready, processed, recognizer=recognizer, model_pool=model_pool, topics=topics, metrics=metrics,
             max_dead_letter_bytes=limits.max_bytes, watchdog=watchdog,
+            # The input batches were formed by size-or-timeout already: a second wait would add
+            # the max wait again to every partial batch at low load. Units already queued (the
+            # rest of a frame's facings, the next batch's photos) still fill a model batch.
+            batch_size=batch_size, batch_max_wait_s=0.0,
         ), name="process")
         tg.create_task(publish(processed, sent, sink), name="publish")
         tg.create_task(commit_in_order(sent, sink, in_flight), name="commit")

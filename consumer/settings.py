@@ -137,8 +137,20 @@ class Settings(BaseSettings):
         "auto", description="auto (device = nvJPEG on a GPU, pillow on a CPU) | pillow | device"
     )
 
+    # Planogram compliance (consumer/planograms.py, consumer/facings.py)
+    planograms: Path | None = Field(
+        None, description="JSON file of planograms (an array, one per camera) read at start; for small sites")
+    planogram_topic: str | None = Field(
+        None, description="compacted topic of planograms keyed by camera id, read whole by every replica; "
+        "a change applies without a restart, a tombstone removes the camera's planogram")
+    planogram_wait_s: float = Field(
+        60.0, ge=0.0, description="longest wait at start for the planogram topic to be read to its end")
+    frame_max_side: int = Field(
+        1600, ge=64, le=16384, description="a photo with regions is decoded with its longer side at most this many "
+        "pixels before its facings are cut (memory: 3 bytes a pixel per photo in flight)")
+
     # Batching and input limits
-    batch_size: int = Field(32, ge=1, le=1024, description="photos per micro-batch")
+    batch_size: int = Field(32, ge=1, le=1024, description="images per micro-batch: whole photos, or facings")
     batch_max_wait_ms: int = Field(50, ge=0, le=60_000, description="longest wait to fill a batch")
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger photos go to the dead-letter topic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are treated as decompression bombs")
@@ -227,6 +239,8 @@ class Settings(BaseSettings):
                 f"SHELFMATCH_REBALANCE_TIMEOUT_MS ({self.rebalance_timeout_ms}) must exceed the drain "
                 f"SHELFMATCH_SHUTDOWN_TIMEOUT_S ({self.shutdown_timeout_s:g} s), or the group moves on without "
                 "members still draining")
+        if self.planogram_topic in (self.input_topic, self.output_topic, self.dlq_topic):
+            raise ValueError("the planogram topic must differ from the input, output and dead-letter topics")
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
             raise ValueError(f"{self.security_protocol} needs SHELFMATCH_SASL_USERNAME and SHELFMATCH_SASL_PASSWORD")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

@@ -17,7 +17,16 @@ import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from catalog.errors import ImageRejected
-from catalog.preprocess import DecodeLimits, PlainJpeg, RejectReason, decode, decode_unless_plain_jpeg, to_tensor
+from catalog.preprocess import (
+    DecodeLimits,
+    PlainJpeg,
+    RejectReason,
+    decode,
+    decode_frame,
+    decode_unless_plain_jpeg,
+    to_tensor,
+)
+from consumer.facings import Frames, Regions, check_regions, regions_for
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
 from consumer.stream import END, EndOfStream
@@ -30,11 +39,12 @@ log = logging.getLogger(__name__)
 class DecodedPhoto:
     """A decoded photo: model input plus what the producer said about it."""
 
-    pixels: torch.Tensor  # uint8 (3, H, W) at the model's input size
+    pixels: torch.Tensor  # uint8 (3, H, W) at the model's input size; with regions, the frame (aspect kept)
     fields: dict[str, Any]  # key, camera_id, store_id, shelf_id, captured_at, content_type
     width: int
     height: int
     decode_s: float
+    regions: Regions | None = None  # the facings to cut from it; None: matched whole
 
 
 @dataclass(frozen=True)
@@ -91,16 +101,26 @@ class Received:
 
 def decode_record(
     record: ConsumerRecord, size: tuple[int, int], limits: DecodeLimits, device_jpeg: bool = False,
+    frames: Frames | None = None,
 ) -> Decoded:
     """Decode one record (runs in the decode pool). Never raises for bad input.
 
     With ``device_jpeg`` a plain JPEG only has its headers checked here; its pixels are decoded
     later with the rest of its batch on the model's device (see :mod:`catalog.jpeg_batch`).
+    With ``frames``, a photo that has regions (:func:`consumer.facings.regions_for`) is decoded
+    whole at up to ``frames.max_side`` pixels, by Pillow, for its facings to be cut on the device.
     """
     start = time.perf_counter()
     try:
         fields = parse_headers(record.key, record.headers)
         data = record.value or b""
+        regions = regions_for(fields, record.headers, frames.planograms()) if frames is not None else None
+        if regions is not None:
+            assert frames is not None
+            frame = decode_frame(data, frames.max_side, limits)
+            check_regions(regions, frame.width, frame.height)
+            return DecodedPhoto(pixels=to_tensor(frame.image), fields=fields, width=frame.width, height=frame.height,
+                                decode_s=time.perf_counter() - start, regions=regions)
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
     except Exception as exc:
         return Poison.of(exc)
@@ -188,6 +208,7 @@ async def fetch(
     poll_every_s: float,
     device_jpeg: bool = False,
     unreadable: UnreadableBatches | None = None,
+    frames: Frames | None = None,
 ) -> None:
     """Stage 1: poll Kafka until ``stop`` is set; start decoding each record at once.
 
@@ -206,7 +227,7 @@ async def fetch(
     def hand_on(record: ConsumerRecord, decoded: Decoded | None = None) -> None:
         """Put a record on ``out`` with its decode started (or already known)."""
         if decoded is None:
-            future = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg)
+            future = loop.run_in_executor(pool, decode_record, record, size, limits, device_jpeg, frames)
         else:
             future = _done(decoded)
         in_flight.add(1)

@@ -36,6 +36,10 @@ class QueueDepths:
     fetched_batches: int = 2  # fetched records, in batches' worth (x batch size): decoding runs ahead
     batched: int = 2  # batches formed, waiting for their decodes to finish
     ready: int = 1  # decoded batches waiting for the model: one is decoded while another is embedded
+    # input batches cut into units (photos or facings) and not yet all matched, inside stage 4
+    # (consumer.recognize): enough for the units queue (fetched x batch size), one model batch
+    # waiting and one embedded to come from different input batches
+    recognizing: int = 4
     processed: int = 2  # batches matched, waiting to be sent
     sent: int = 4  # batches sent, waiting for acknowledgements and their commit
 
@@ -43,11 +47,11 @@ class QueueDepths:
         return self.fetched_batches * batch_size
 
     def photos_in_flight(self, batch_size: int) -> int:
-        """The most photos fetched but not yet committed: every queue full, and each of the five
+        """The most photos fetched but not yet committed: every queue full, and each of the six
         stages after fetch holding one batch while it waits to put it on. A consumer killed
         mid-stream re-publishes at most this many photos after its restart."""
-        holding = 5  # batches, finish_decoding, process, publish, commit_in_order
-        queued = self.fetched_batches + self.batched + self.ready + self.processed + self.sent
+        holding = 6  # batches, finish_decoding, cut and assemble (stage 4), publish, commit_in_order
+        queued = self.fetched_batches + self.batched + self.ready + self.recognizing + self.processed + self.sent
         return batch_size * (queued + holding)
 
 

@@ -7,7 +7,10 @@
    keys and headers, as a shelf camera would;
 5. read one event per photo from the output topic, print them with the true product,
    accuracy and latency; show what reached the dead-letter topic;
-6. SIGTERM the service (it drains and commits) and stop everything the demo started.
+6. SIGTERM the service (it drains and commits);
+7. planogram compliance (scripts/compliance_demo.py): composed shelf frames and their planograms
+   through a second service, a per-slot table and a PNG per frame with regions coloured by status;
+8. stop everything the demo started.
 """
 from __future__ import annotations
 
@@ -198,10 +201,10 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)  # aiokafka's retry chatter while new topics elect leaders
     OUT.mkdir(parents=True, exist_ok=True)
 
-    step(f"1/5 building the catalogue with {args.model}")
+    step(f"1/6 building the catalogue with {args.model}")
     catalog = build_catalog(args.model, args.weights)
 
-    step("2/5 starting Apache Kafka")
+    step("2/6 starting Apache Kafka")
     bootstrap, broker_env = start_broker()
     service = None
     try:
@@ -214,7 +217,7 @@ def main() -> int:
         }
         asyncio.run(create_topics(bootstrap, {topics["input"]: 3, topics["output"]: 1, topics["dlq"]: 1}))
 
-        step("3/5 starting shelfmatch consume")
+        step("3/6 starting shelfmatch consume")
         env = {
             **os.environ,
             "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -231,15 +234,34 @@ def main() -> int:
         service = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env)
         wait_ready(service, port)
 
-        step("4/5 streaming 50 shelf photos and 2 broken messages")
+        step("4/6 streaming 50 shelf photos and 2 broken messages")
         truth = asyncio.run(stream_photos(bootstrap, topics["input"]))
         events, dead = asyncio.run(read_events(bootstrap, topics["output"], topics["dlq"], len(truth)))
 
-        step("5/5 results")
+        step("5/6 results")
         report(events, dead, truth)
         service.send_signal(signal.SIGTERM)
         code = service.wait(60)
         print(f"\nshelfmatch consume stopped on SIGTERM with exit code {code}")
+        if code:
+            return code
+
+        step("6/6 planogram compliance: composed shelf frames against their planograms")
+
+        def start_service(overrides: dict[str, str]):
+            nonlocal service
+            service = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env={**env, **overrides})
+            wait_ready(service, port)
+
+            def stop() -> int:
+                assert service is not None
+                service.send_signal(signal.SIGTERM)
+                return service.wait(60)
+            return stop
+
+        from compliance_demo import run as compliance
+        code = compliance(bootstrap, catalog, OUT, DATA / "photos", run, start_service)
+        print(f"\nshelfmatch consume (compliance) stopped on SIGTERM with exit code {code}")
         return code
     finally:
         if service and service.poll() is None:

@@ -11,6 +11,7 @@ from enum import StrEnum
 
 import torch
 
+from catalog.planogram import EMPTY_SKU
 from catalog.store import Catalog
 
 
@@ -59,7 +60,11 @@ class Matcher:
         threshold: float = 0.9, min_margin: float = 0.0,
     ) -> None:
         self.skus = catalog.skus
-        self.top_k = max(1, min(top_k, len(catalog.skus)))
+        # The reserved empty-shelf entry serves facing verdicts (scores()) only: a whole photo is
+        # never "matched" to an empty shelf, and the entry is never anyone's runner-up.
+        self._empty = catalog.skus.index(EMPTY_SKU) if EMPTY_SKU in catalog.skus else None
+        self._ranked = len(catalog.skus) - (self._empty is not None)
+        self.top_k = max(1, min(top_k, self._ranked))
         self.threshold = threshold
         self.min_margin = min_margin
         self.device = device
@@ -93,8 +98,11 @@ class Matcher:
         """Top-k candidates and a verdict for each row of ``vectors``."""
         if vectors.shape[0] == 0:
             return []
-        k = min(max(self.top_k, 2), self._products)  # the margin needs the runner-up
-        top = torch.topk(self.scores(vectors), k, dim=1)
+        k = min(max(self.top_k, 2), self._ranked)  # the margin needs the runner-up
+        scores = self.scores(vectors)
+        if self._empty is not None:
+            scores[:, self._empty] = float("-inf")
+        top = torch.topk(scores, k, dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         results = []
         for vals, idxs in zip(values, indices, strict=True):

@@ -208,6 +208,9 @@ def parse_planogram(raw: str | bytes | dict[str, Any], *, skus: Collection[str] 
     except ValidationError as exc:
         first = exc.errors()[0]
         raise PlanogramError(_reason(first["type"]), _describe(first)) from exc
+    # After ValidationError, which is a ValueError too: JSON nested too deep, or a number too long.
+    except (RecursionError, ValueError, OverflowError) as exc:
+        raise PlanogramError(PlanogramReason.MALFORMED, f"planogram JSON cannot be parsed: {exc}") from exc
     if skus is not None:
         check_against_catalog(planogram, skus)
     return planogram

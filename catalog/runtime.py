@@ -14,10 +14,13 @@ torch network is built and checked against the catalogue before anything is conv
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -46,11 +49,15 @@ def native_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def cache_key(fingerprint: Fingerprint) -> str:
-    """What a converted network depends on: everything in the fingerprint, and the converter."""
+def cache_key(fingerprint: Fingerprint, network: nn.Module) -> str:
+    """What a converted network depends on: everything in the fingerprint, the code of the module
+    converted (the wrapper around the backbone: scaling, mean/std, head, L2), and the versions of
+    torch (which traces it) and of the converter."""
     import openvino as ov
 
-    text = json.dumps({"fingerprint": fingerprint.to_dict(), "openvino": ov.get_version()}, sort_keys=True)
+    code = hashlib.sha256(inspect.getsource(type(network)).encode()).hexdigest()
+    text = json.dumps({"fingerprint": fingerprint.to_dict(), "openvino": ov.get_version(), "torch": torch.__version__,
+                       "code": code}, sort_keys=True)
     return f"{fingerprint.backbone}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
@@ -68,17 +75,25 @@ class OpenVinoNetwork:
             raise ValueError("precision 'bf16' on this CPU would be emulated (no AVX512_BF16 or AMX); use fp32")
         self.precision = precision
         self.converted_now = False
-        model = self._read(cache_dir, fingerprint) if cache_dir is not None else None
-        if model is None:
-            model = self._convert(network, fingerprint)
-            self.converted_now = True
-            if cache_dir is not None:
-                self._write(model, cache_dir, fingerprint)
+        key = cache_key(fingerprint, network)
         # Precision is a compile-time choice: OpenVINO's default on a bf16 CPU is bf16, so fp32 is
         # asked for explicitly. LATENCY: one stream over all the threads, for one batch at a time.
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-        self._compiled = ov.Core().compile_model(model, "CPU", config)
+        model = self._read(cache_dir, key) if cache_dir is not None else None
+        compiled = None
+        if model is not None:
+            try:
+                compiled = ov.Core().compile_model(model, "CPU", config)
+            except RuntimeError as exc:  # e.g. weights cut short beside a readable .xml: convert again
+                log.warning("converted network %s in %s does not compile (%s); converting again", key, cache_dir, exc)
+        if compiled is None:
+            model = self._convert(network, fingerprint)
+            self.converted_now = True
+            if cache_dir is not None:
+                self._write(model, cache_dir, key)
+            compiled = ov.Core().compile_model(model, "CPU", config)
+        self._compiled = compiled
         self._request = self._compiled.create_infer_request()
 
     @staticmethod
@@ -93,10 +108,10 @@ class OpenVinoNetwork:
         return model
 
     @staticmethod
-    def _read(cache_dir: Path, fingerprint: Fingerprint) -> object | None:
+    def _read(cache_dir: Path, key: str) -> object | None:
         import openvino as ov
 
-        xml = cache_dir / f"{cache_key(fingerprint)}.xml"
+        xml = cache_dir / f"{key}.xml"
         if not xml.is_file():
             return None
         try:
@@ -106,20 +121,24 @@ class OpenVinoNetwork:
             return None
 
     @staticmethod
-    def _write(model: object, cache_dir: Path, fingerprint: Fingerprint) -> None:
-        """Save next to the final name, then rename (weights first), so a reader never sees half a file."""
+    def _write(model: object, cache_dir: Path, key: str) -> None:
+        """Save next to the final name, then rename (weights first), so a reader never sees half a
+        file. The temporary name is unique per writer: pods sharing a cache volume are all PID 1."""
         import openvino as ov
 
-        key = cache_key(fingerprint)
+        tmp = cache_dir / f".{key}.{uuid.uuid4().hex}.xml"
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_dir / f".{key}.{os.getpid()}.xml"
             ov.save_model(model, str(tmp), compress_to_fp16=False)  # the weights stay exactly fp32
             os.replace(tmp.with_suffix(".bin"), cache_dir / f"{key}.bin")
             os.replace(tmp, cache_dir / f"{key}.xml")
-        except OSError as exc:  # a read-only or full disk costs the next start a conversion, no more
+        except (OSError, RuntimeError) as exc:  # an unwritable or full disk costs each start a conversion, no more
             log.warning("could not keep the converted network in %s (%s); it is converted at every start",
                         cache_dir, exc)
+        finally:
+            for leftover in (tmp, tmp.with_suffix(".bin")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         # share_inputs: OpenVINO reads the tensor's memory in place; the output is copied out of

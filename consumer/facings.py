@@ -87,6 +87,8 @@ def parse_boxes(raw: bytes) -> list[tuple[str | None, Region]]:
         items = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ImageRejected(BAD_BOXES, f"{HEADER_BOXES} is not JSON: {exc}") from exc
+    except (RecursionError, ValueError) as exc:  # nested too deep, or an integer too long to parse
+        raise ImageRejected(BAD_BOXES, f"{HEADER_BOXES} cannot be parsed: {str(exc)[:200]}") from exc
     if not isinstance(items, list) or not items:
         raise ImageRejected(BAD_BOXES, f"{HEADER_BOXES} must be a non-empty JSON array of boxes")
     if len(items) > MAX_BOXES:
@@ -100,7 +102,10 @@ def parse_boxes(raw: bytes) -> list[tuple[str | None, Region]]:
                 or not (box_id is None or (isinstance(box_id, str) and 0 < len(box_id) <= MAX_BOX_ID_CHARS))):
             raise ImageRejected(BAD_BOXES, f"{HEADER_BOXES}[{n}] must be {{\"id\": str, \"box\": [x0, y0, x1, y1]}}, "
                                 f"got {json.dumps(item)[:200]}")
-        x0, y0, x1, y1 = (float(v) for v in box)
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except OverflowError as exc:  # an integer beyond any float
+            raise ImageRejected(BAD_BOXES, f"{HEADER_BOXES}[{n}] has a coordinate beyond any number") from exc
         if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
             raise ImageRejected(BAD_REGION, f"{HEADER_BOXES}[{n}] {box} lies outside the frame (0..1)")
         try:

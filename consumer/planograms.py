@@ -32,7 +32,7 @@ from typing import Any, Final, Protocol
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from catalog.errors import PlanogramError
-from catalog.planogram import Planogram, parse_planogram
+from catalog.planogram import Planogram, PlanogramReason, parse_planogram
 from consumer.errors import ConfigurationError
 from consumer.metrics import Metrics
 
@@ -81,6 +81,14 @@ class PlanogramTable:
     def snapshot(self) -> Mapping[str, Planogram]:
         return self._current
 
+    def _refuse(self, record: PlanogramRecord, reason: str, why: str) -> Planogram | None:
+        """Count and log a refused record; the camera's planogram in force (if any) stays."""
+        self._metrics.planogram_rejections.labels(reason).inc()
+        kept = self._current.get(record.camera_id)
+        log.warning("planogram for camera %s refused (%s, %s): %s; %s", record.camera_id, reason, record.origin,
+                    why, f"version {kept.version} stays in force" if kept else "none in force")
+        return kept
+
     def apply(self, record: PlanogramRecord) -> Planogram | None:
         """Apply one record; returns the planogram now in force for its camera (None if removed).
         A record that does not validate changes nothing."""
@@ -96,11 +104,10 @@ class PlanogramTable:
                 raise PlanogramError(CAMERA_MISMATCH, f"record key names camera {record.camera_id!r}, its planogram "
                                      f"camera {planogram.camera_id!r}")
         except PlanogramError as exc:
-            self._metrics.planogram_rejections.labels(exc.reason).inc()
-            kept = current.get(record.camera_id)
-            log.warning("planogram for camera %s refused (%s, %s): %s; %s", record.camera_id, exc.reason,
-                        record.origin, exc, f"version {kept.version} stays in force" if kept else "none in force")
-            return kept
+            return self._refuse(record, exc.reason, str(exc))
+        except Exception as exc:  # recorded (metric, log); one record must never stop the service
+            log.exception("planogram for camera %s could not be read", record.camera_id)
+            return self._refuse(record, PlanogramReason.MALFORMED, f"{type(exc).__name__}: {exc}")
         current[record.camera_id] = planogram
         log.info("planogram %s of camera %s in force (%d slots, %s)", planogram.version, record.camera_id,
                  len(planogram.slots), record.origin)

@@ -184,6 +184,11 @@ def embed_units(recognizer: Recognizer, batch: list[Unit]) -> tuple[torch.Tensor
     return vectors, time.perf_counter() - start
 
 
+# Candidates per facing in a ComplianceEvent, at most: an event grows with facings x candidates
+# (1,000 facings at SHELFMATCH_TOP_K=100 would be ~5 MB, over most topics' max.message.bytes, and a
+# refused event holds its partition); the verdict needs only the expected SKU and the best others.
+FACING_TOP_K = 5
+
 # The expected SKU of a detector box that no planogram slot covers: no product is expected there,
 # so catalog.compliance.judge calls it empty or unknown, never ok or wrong-product.
 NOTHING_EXPECTED = ""
@@ -208,7 +213,7 @@ def match_units(batch: list[Unit], vectors: torch.Tensor) -> float:
                 serving.matcher.scores(vectors[rows]), serving.matcher.skus,
                 [f.expected_sku or NOTHING_EXPECTED for f in facings],
                 [f.slot or f.box_id or "" for f in facings],
-                calibration=serving.compliance, top_k=serving.matcher.top_k,
+                calibration=serving.compliance, top_k=min(serving.matcher.top_k, FACING_TOP_K),
             ))
         for i, result in zip(rows, results, strict=True):
             batch[i].work.matches[batch[i].index] = result

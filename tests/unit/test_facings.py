@@ -46,6 +46,9 @@ def planograms(*items: dict) -> dict[str, Planogram]:
     (b'[{"box": [0.5, 0, 1.2, 0.5]}]', "bad-region", "outside the frame"),
     (b'[{"box": [0.2, 0.3, 0.2, 0.6]}]', "bad-region", "area"),
     (b'[{"box": [0.5, 0.3, 0.4, 0.6]}]', "bad-region", "area"),
+    (b"[" * 1001, "bad-boxes", "cannot be parsed"),
+    (b'[{"box": [0, 0, 0.5, ' + b"9" * 5000 + b"]}]", "bad-boxes", "cannot be parsed"),
+    (b'[{"box": [0, 0, 0.5, ' + b"9" * 400 + b"]}]", "bad-boxes", "beyond any number"),
 ])
 def test_a_bad_boxes_header_names_its_fault(header, reason, says):
     with pytest.raises(ImageRejected) as err:

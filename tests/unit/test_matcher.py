@@ -104,3 +104,21 @@ def test_margin_is_zero_with_a_single_product():
     catalog = random_catalog(products=1, refs_per_product=2)
     (m,) = Matcher(catalog, device=torch.device("cpu"), top_k=5).match(torch.from_numpy(catalog.embeddings[:1]))
     assert m.margin == 0.0 and len(m.candidates) == 1
+
+
+def test_the_reserved_empty_entry_is_never_a_whole_photo_match_nor_a_runner_up():
+    """Photos of the empty-shelf entry itself still get a real product: __empty__ serves facing
+    verdicts (scores) only, never a MatchEvent's candidates or margin."""
+    from dataclasses import replace
+
+    from catalog.planogram import EMPTY_SKU
+
+    catalog = random_catalog(products=6, refs_per_product=1)
+    catalog = replace(catalog, skus=(*catalog.skus[:5], EMPTY_SKU))
+    matcher = Matcher(catalog, device=torch.device("cpu"), top_k=10, threshold=0.5)
+    empty_rows = torch.from_numpy(catalog.embeddings[catalog.row_sku == 5])
+    scores = matcher.scores(empty_rows)
+    assert scores[0, 5] == pytest.approx(1.0, abs=1e-5)  # the entry is there for judge()
+    for m in matcher.match(empty_rows):
+        assert EMPTY_SKU not in {sku for sku, _ in m.candidates}
+        assert len(m.candidates) == 5

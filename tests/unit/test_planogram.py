@@ -133,3 +133,14 @@ def test_the_readme_planogram_example_validates():
     start = readme.index('{"camera_id": "store-12-cam-03"')
     example = parse_planogram(readme[start:readme.index("```", start)])
     assert example.slots[1].region.corners is not None and len(example.slots) == 2
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"camera_id": ' + b"9" * 5000 + b"}"],
+                         ids=["nested-too-deep", "integer-too-long"])
+def test_json_that_python_cannot_parse_is_a_malformed_planogram(raw):
+    """RecursionError and ValueError from the JSON parser: a refusal with a reason, never an
+    exception that would stop the service reading the planogram topic (a crash loop, since the
+    bad record is the latest for its key and stays)."""
+    with pytest.raises(PlanogramError) as refused:
+        parse_planogram(raw)
+    assert refused.value.reason == PlanogramReason.MALFORMED

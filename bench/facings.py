@@ -162,7 +162,10 @@ def main() -> None:
     workers = available_cpus()
     if device.type == "cpu":
         torch.set_num_threads(workers)
-    embedder = Embedder(load_backbone(args.model, weights="none"), device, batch_size=args.batch)
+    # What the service runs: auto precision and execution (OpenVINO on a CPU, a CUDA graph on a GPU).
+    embedder = Embedder(load_backbone(args.model, weights="none"), device, precision="auto", execution="auto",
+                        batch_size=args.batch, cache_dir=ROOT / ".cache" / "networks")
+    print(f"embedder: {embedder.describe()}", flush=True)
     frames, skus = shelf_frames(args.frames, args.facings)
     catalog = build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=args.model,
                             weights="none", device=str(device), progress=False)

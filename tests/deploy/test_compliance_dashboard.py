@@ -8,7 +8,7 @@ import pytest
 
 from tests.deploy.chart import CHART, ROOT, of_kind, render
 from tests.deploy.promql import TARGET_LABELS, exported
-from tests.deploy.test_dashboard import _exprs, _panels, _unknown
+from tests.deploy.test_dashboard import _exprs, _unknown, check_well_formed
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "shelfmatch-compliance.json"
 CHART_DASHBOARD = CHART / "dashboards" / "shelfmatch-compliance.json"
@@ -60,13 +60,4 @@ def test_the_dashboard_has_a_panel_for(dashboard, subject, pattern):
 
 
 def test_panels_are_well_formed(dashboard):
-    panels = _panels(dashboard)
-    ids = [p["id"] for p in panels]
-    assert len(ids) == len(set(ids)), "panel ids must be unique"
-    for panel in panels:
-        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
-        if panel["type"] == "row":
-            continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
-        assert panel["targets"] and panel.get("description"), panel["title"]
-    assert dashboard["uid"] == "shelfmatch-compliance" and dashboard["templating"]["list"][0]["type"] == "datasource"
+    check_well_formed(dashboard, uid="shelfmatch-compliance")

@@ -119,6 +119,12 @@ def test_the_dashboard_has_a_panel_for(dashboard, subject, pattern):
 
 
 def test_panels_are_well_formed(dashboard):
+    check_well_formed(dashboard, uid="shelfmatch")
+
+
+def check_well_formed(dashboard: dict, *, uid: str) -> None:
+    """Unique panel ids inside the 24-column grid; every query panel described, on the dashboard's
+    datasource variable (its targets too); the dashboard's uid, and the datasource variable first."""
     panels = _panels(dashboard)
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -130,7 +136,7 @@ def test_panels_are_well_formed(dashboard):
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"] and panel.get("description"), panel["title"]
         assert all(t["datasource"] == panel["datasource"] for t in panel["targets"]), panel["title"]
-    assert dashboard["uid"] == "shelfmatch" and dashboard["templating"]["list"][0]["type"] == "datasource"
+    assert dashboard["uid"] == uid and dashboard["templating"]["list"][0]["type"] == "datasource"
 
 
 # --- Alerts ------------------------------------------------------------------------------------

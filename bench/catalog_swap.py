@@ -122,13 +122,13 @@ async def bench_swap(rows: int, rate: float, phase_s: float, every_s: float) -> 
     os.link(files[0], path)
     broker = Broker.start()
     try:
-        topic, output = unique("photos"), unique("matches")
+        topic, output, dlq = unique("photos"), unique("matches"), unique("dlq")
         await create_topics(broker.bootstrap, topic, partitions=3)
-        await create_topics(broker.bootstrap, output, unique("dlq"), partitions=1)
+        await create_topics(broker.bootstrap, output, dlq, partitions=1)
         svc = Service({
             "SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "SHELFMATCH_GROUP_ID": unique("group"),
             "SHELFMATCH_INPUT_TOPIC": topic, "SHELFMATCH_OUTPUT_TOPIC": output,
-            "SHELFMATCH_DLQ_TOPIC": unique("dlq"), "SHELFMATCH_CATALOG": str(path),
+            "SHELFMATCH_DLQ_TOPIC": dlq, "SHELFMATCH_CATALOG": str(path),
             "SHELFMATCH_CATALOG_POLL_S": "0.5", "SHELFMATCH_BATCH_SIZE": "8",
             "SHELFMATCH_THRESHOLD": "0.7",  # synthetic catalogues: the verdicts do not matter here
         }, work / "service.log").start()
@@ -180,12 +180,16 @@ async def bench_swap(rows: int, rate: float, phase_s: float, every_s: float) -> 
         "swapped": swapped, "mean_swap_s": round(took[0] / took[1], 2) if took and took[1] else None,
         "restarted": restarted, "assignments": log.count("consumer.pipeline: assigned ["),
         "versions_consistent": consistent,
-        "steady": {"photos": len(steady), "p50_s": round(p(steady, 50), 3), "p99_s": round(p(steady, 99), 3)},
-        "swapping": {"photos": len(swapping), "p50_s": round(p(swapping, 50), 3), "p99_s": round(p(swapping, 99), 3)},
+        "steady": phase(steady), "swapping": phase(swapping),
     }
 
 
-def table(add: dict, swap: dict) -> str:
+def phase(latencies: list[float]) -> dict:
+    return {"photos": len(latencies), "p50_s": round(p(latencies, 50), 3), "p99_s": round(p(latencies, 99), 3),
+            "worst_s": [round(v, 3) for v in sorted(latencies)[-5:]]}
+
+
+def table(add: dict | None, swap: dict) -> str:
     ratio = swap["swapping"]["p99_s"] / swap["steady"]["p99_s"]
     lines = [
         f"Swap under a steady stream: {swap['rate']:g} photos/s, {swap['rows']:,} x 1280 catalogue "
@@ -201,7 +205,12 @@ def table(add: dict, swap: dict) -> str:
         f"sent {swap['sent']}, lost {swap['lost']}, duplicated {swap['duplicated']}, restarts "
         f"{int(swap['restarted'])}, partition assignments {swap['assignments']} (1 = no rebalance), "
         f"versions in swap order per partition: {swap['versions_consistent']}, mean time to swap "
-        f"{swap['mean_swap_s']} s",
+        f"{swap['mean_swap_s']} s; slowest photos steady {swap['steady']['worst_s']}, during swaps "
+        f"{swap['swapping']['worst_s']}",
+    ]
+    if add is None:
+        return "\n".join(lines)
+    lines += [
         "",
         "| catalogue change | references | seconds | vs full build |",
         "|---|---|---|---|",
@@ -219,10 +228,11 @@ def main() -> None:
     parser.add_argument("--phase-s", type=float, default=40.0)
     parser.add_argument("--swap-every-s", type=float, default=5.0)
     parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument("--no-add", action="store_true", help="measure the swap only")
     args = parser.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     swap = asyncio.run(bench_swap(args.rows, args.rate, args.phase_s, args.swap_every_s))
-    add = bench_add(args.dataset)
+    add = None if args.no_add else bench_add(args.dataset)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     result = {"machine": f"{len(os.sched_getaffinity(0))} CPU cores ({platform.machine()}), torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d"), "commit": commit.stdout.strip(), "swap": swap, "add": add}

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from catalog.errors import CatalogFileError
 from catalog.models import Fingerprint, ProjectionHead
@@ -85,9 +85,7 @@ class Catalog:
         h = hashlib.sha256()
         # .data: the same bytes as tobytes(), hashed where they lie instead of copied first
         h.update(np.ascontiguousarray(self.embeddings, dtype="<f4").data.cast("B"))
-        h.update(np.ascontiguousarray(self.row_sku, dtype="<i4").data.cast("B"))
-        h.update(json.dumps([self.skus, self.fingerprint.to_dict()], sort_keys=True).encode())
-        return h.hexdigest()[:12]
+        return _version(h, self.row_sku, self.skus, self.fingerprint)
 
     def head(self) -> ProjectionHead | None:
         if self.head_state is None:
@@ -133,12 +131,9 @@ class Catalog:
         if not os.access(path, os.R_OK):
             raise CatalogFileError(f"catalogue file {path} is not readable by this user (uid {os.getuid()}): "
                                    f"check its mode and owner")
+        vectors = hashlib.sha256()  # the version's hash of the vectors, fed as they are read
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as f:
-                raw = (f.metadata() or {}).get("shelfmatch")
-            tensors = load_file(str(path))
+            raw, tensors = _read(path, hash_embeddings=vectors)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CatalogFileError(f"{path} is not a readable catalogue: {exc}") from exc
         if raw is None:
@@ -169,8 +164,10 @@ class Catalog:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CatalogFileError(f"{path} is not a readable catalogue: {type(exc).__name__}: {exc}") from exc
-        if catalog.version != meta.get("version"):
+        version = _version(vectors, catalog.row_sku, catalog.skus, catalog.fingerprint)
+        if version != meta.get("version"):
             raise CatalogFileError(f"{path}: content does not match its version {meta.get('version')} (corrupt?)")
+        catalog.__dict__["version"] = version  # what the cached property would compute, already known
         return catalog
 
     def summary(self) -> str:
@@ -196,6 +193,59 @@ class Catalog:
             lines.append(f"compliance   min lead {c.min_lead:.3f}, min score {c.min_score:.3f}, "
                          f"empty margin {c.empty_margin:.3f}, unknown below {c.unknown_below:.3f}")
         return "\n".join(lines)
+
+
+# The most that one read from the file copies at once. safetensors holds the GIL while it copies a
+# tensor: the whole 256 MB matrix of 50,000 references in one call held it ~120 ms, during which the
+# event loop and the model thread of a running service stood still (the p99 of a catalogue swap).
+# In slices of 1 MB the longest hold measured was under 4 ms (bench/catalog_swap.py has the effect).
+READ_SLICE_BYTES = 1 << 20
+
+
+def _version(vectors: hashlib._Hash, row_sku: np.ndarray, skus: tuple[str, ...], fingerprint: Fingerprint) -> str:
+    """The catalogue's version: ``vectors`` has hashed its embeddings (float32, little-endian, row
+    by row); the SKU of each row, the SKU list and the fingerprint follow."""
+    vectors.update(np.ascontiguousarray(row_sku, dtype="<i4").data.cast("B"))
+    vectors.update(json.dumps([skus, fingerprint.to_dict()], sort_keys=True).encode())
+    return vectors.hexdigest()[:12]
+
+
+# dtypes as stored: embeddings are hashed as read, so they must already be the version's float32
+EXPECTED_DTYPES = {"embeddings": np.dtype("<f4"), "row_sku": np.dtype("<i4")}
+
+
+def _read(path: Path, *, hash_embeddings: hashlib._Hash) -> tuple[str | None, dict[str, np.ndarray]]:
+    """The file's shelfmatch metadata and its tensors, each read in row slices of at most
+    READ_SLICE_BYTES (see there why); the embeddings' bytes go through ``hash_embeddings`` slice by
+    slice, while they are still in the CPU's cache (one pass over a large matrix, not two)."""
+    with safe_open(str(path), framework="np") as f:
+        raw = (f.metadata() or {}).get("shelfmatch")
+        tensors = {}
+        for name in f.keys():
+            tensors[name] = _read_tensor(f, name, hash_embeddings if name == "embeddings" else None)
+            expected = EXPECTED_DTYPES.get(name)
+            if expected is not None and tensors[name].dtype != expected:
+                raise ValueError(f"{name} is {tensors[name].dtype}, expected {expected}")
+        return raw, tensors
+
+
+def _read_tensor(f: safe_open, name: str, hasher: hashlib._Hash | None) -> np.ndarray:
+    view = f.get_slice(name)
+    shape = view.get_shape()
+    if len(shape) == 0 or shape[0] == 0:
+        out = f.get_tensor(name)
+        if hasher is not None:
+            hasher.update(out.tobytes())
+        return out
+    first = view[0:1]
+    rows = max(1, READ_SLICE_BYTES // max(1, first.nbytes))
+    out = np.empty(tuple(shape), dtype=first.dtype)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        out[start:stop] = view[start:stop]
+        if hasher is not None:
+            hasher.update(out[start:stop].data.cast("B"))  # releases the GIL while it hashes
+    return out
 
 
 def _relative_to(reference: str, folder: Path) -> str:

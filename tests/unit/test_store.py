@@ -24,6 +24,23 @@ def test_round_trip_keeps_everything(tmp_path):
     assert loaded.calibration == Calibration(0.8, 0.03)
 
 
+def test_large_tensors_are_read_in_slices_with_nothing_lost(tmp_path, monkeypatch):
+    """A catalogue far larger than one read slice (and not a whole number of slices) loads exactly:
+    the slices are there so that no single copy holds the GIL for long during a live swap."""
+    import catalog.store as store
+
+    catalog = random_catalog(products=13, refs_per_product=3)
+    row_bytes = catalog.embeddings.shape[1] * 4
+    monkeypatch.setattr(store, "READ_SLICE_BYTES", 4 * row_bytes + 1)  # 4 rows a slice, 39 rows
+    path = tmp_path / "c.safetensors"
+    catalog.save(path)
+    loaded = Catalog.load(path)
+    assert loaded.embeddings.dtype == np.float32 and loaded.row_sku.dtype == np.int32
+    np.testing.assert_array_equal(loaded.embeddings, catalog.embeddings)
+    np.testing.assert_array_equal(loaded.row_sku, catalog.row_sku)
+    assert loaded.version == catalog.version
+
+
 def test_saved_file_is_readable_by_other_users(tmp_path):
     """safetensors alone writes 0600: a catalogue built as root must still load as UID 10001."""
     path = tmp_path / "c.safetensors"
@@ -55,6 +72,19 @@ def test_tampered_vectors_are_detected(tmp_path):
     meta = {"shelfmatch": json.dumps({**json.loads(_metadata(path)), "version": "000000000000"})}
     save_file({"embeddings": catalog.embeddings, "row_sku": catalog.row_sku}, str(path), metadata=meta)
     with pytest.raises(CatalogFileError, match="does not match its version"):
+        Catalog.load(path)
+
+
+def test_vectors_stored_in_another_dtype_are_refused(tmp_path):
+    """The version is hashed over the float32 bytes as they are read: the same numbers stored as
+    float64 are not this catalogue."""
+    catalog = random_catalog(products=3, refs_per_product=1)
+    path = tmp_path / "c.safetensors"
+    catalog.save(path)
+    meta = {"shelfmatch": _metadata(path)}
+    save_file({"embeddings": catalog.embeddings.astype(np.float64), "row_sku": catalog.row_sku}, str(path),
+              metadata=meta)
+    with pytest.raises(CatalogFileError, match="embeddings is float64, expected float32"):
         Catalog.load(path)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
+from torchvision.ops import roi_align
 
 from catalog.errors import PlanogramError
 
@@ -294,3 +295,24 @@ def rectify(image: torch.Tensor, corners: Sequence[Point], size: tuple[int, int]
     if not image.is_floating_point():
         sampled = sampled.round().clamp(0, torch.iinfo(image.dtype).max).to(image.dtype)
     return sampled
+
+
+def crop_regions(frame: torch.Tensor, regions: Sequence[Region], size: tuple[int, int],
+                 device: torch.device | None = None) -> torch.Tensor:
+    """The ``regions`` of ``frame`` (uint8 (3, H, W)) as uint8 (N, 3, height, width) for ``size`` =
+    (width, height), on ``device`` (default: the frame's).
+
+    The one way facings are cut, by the service and by the offline evaluation and calibration, so
+    that an operating point chosen offline sees the pixels the service embeds: ``roi_align``,
+    bilinear with 2x2 samples per output pixel (a large facing is averaged rather than aliased);
+    a region drawn with four corners is rectified instead (:func:`rectify`)."""
+    device = device or frame.device
+    width, height = size
+    image = frame.to(device, non_blocking=True).unsqueeze(0).float()
+    _, _, fh, fw = image.shape
+    boxes = torch.tensor([[0.0, r.x0 * fw, r.y0 * fh, r.x1 * fw, r.y1 * fh] for r in regions], device=device)
+    out = roi_align(image, boxes, output_size=(height, width), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    for i, r in enumerate(regions):
+        if r.corners is not None:
+            out[i] = rectify(image[0], r.corners, (height, width))
+    return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -47,7 +47,7 @@ from catalog.embedder import Embedder
 from catalog.errors import CatalogError
 from catalog.grocery import grocery_sets
 from catalog.matcher import Matcher
-from catalog.planogram import EMPTY_SKU, FrameSize, Planogram, Region, Slot, rectify
+from catalog.planogram import EMPTY_SKU, FrameSize, Planogram, Region, Slot, crop_regions
 from catalog.preprocess import to_tensor
 from catalog.store import Catalog, ComplianceCalibration
 from catalog.update import add_references
@@ -249,19 +249,9 @@ def empty_patches(count: int, *, seed: int, size: tuple[int, int] = (224, 224), 
 
 
 def facing_pixels(image: Image.Image, planogram: Planogram, size: tuple[int, int]) -> torch.Tensor:
-    """(slots, 3, height, width) uint8: each slot's crop resized to ``size`` = (width, height),
-    bilinear as the decoder resizes whole photos; a slot with corners is rectified first."""
-    width, height = image.size
-    crops = []
-    frame: torch.Tensor | None = None
-    for slot in planogram.slots:
-        if slot.region.corners is not None:
-            frame = to_tensor(image) if frame is None else frame
-            crops.append(rectify(frame, slot.region.corners, (size[1], size[0])))
-        else:
-            crop = image.crop(slot.region.pixels(width, height)).resize(size, Image.Resampling.BILINEAR)
-            crops.append(to_tensor(crop))
-    return torch.stack(crops)
+    """(slots, 3, height, width) uint8: each slot cut from ``image`` and resized to ``size`` =
+    (width, height) exactly as the service cuts facings (:func:`catalog.planogram.crop_regions`)."""
+    return crop_regions(to_tensor(image), [slot.region for slot in planogram.slots], size)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,9 @@ JSON is ``bad-boxes``; a box outside the frame or without area is ``bad-region``
 small that a facing would be under :data:`MIN_FACING_PIXELS` on a side, or far smaller than its
 planogram's frame (:func:`catalog.planogram.check_frame`), is ``frame-too-small``.
 
-Crops are cut, resized and kept as uint8 on the model's device (``torchvision.ops.roi_align``,
-bilinear with 2x2 samples per output pixel, so a large facing is averaged rather than aliased);
-the embedder then normalises them exactly as it does whole photos. A slot drawn with four
-corners is rectified instead (:func:`catalog.planogram.rectify`).
+Crops are cut, resized and kept as uint8 on the model's device by
+:func:`catalog.planogram.crop_regions`, the same function the offline evaluation and calibration
+use; the embedder then normalises them exactly as it does whole photos.
 """
 from __future__ import annotations
 
@@ -27,10 +26,9 @@ from typing import Literal
 
 import torch
 from pydantic import ValidationError
-from torchvision.ops import roi_align
 
 from catalog.errors import ImageRejected, PlanogramError
-from catalog.planogram import Planogram, Region, Slot, check_frame, rectify
+from catalog.planogram import Planogram, Region, Slot, check_frame, crop_regions
 
 HEADER_BOXES = "shelfmatch-boxes"
 # Boxes are larger than the ids the other headers carry: 1000 boxes of ~60 bytes each.
@@ -166,15 +164,5 @@ def check_regions(regions: Regions, width: int, height: int) -> None:
 def crop(frame: torch.Tensor, facings: Sequence[Facing], size: tuple[int, int],
          device: torch.device | None = None) -> torch.Tensor:
     """The facings of ``frame`` (uint8 (3, H, W)) as uint8 (N, 3, height, width) for ``size`` =
-    (width, height), on ``device`` (default: the frame's)."""
-    device = device or frame.device
-    width, height = size
-    image = frame.to(device, non_blocking=True).unsqueeze(0).float()
-    _, _, fh, fw = image.shape
-    boxes = torch.tensor([[0.0, f.region.x0 * fw, f.region.y0 * fh, f.region.x1 * fw, f.region.y1 * fh]
-                          for f in facings], device=device)
-    out = roi_align(image, boxes, output_size=(height, width), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    for i, f in enumerate(facings):
-        if f.region.corners is not None:
-            out[i] = rectify(image[0], f.region.corners, (height, width))
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    (width, height), on ``device`` (default: the frame's); see :func:`catalog.planogram.crop_regions`."""
+    return crop_regions(frame, [f.region for f in facings], size, device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def grocery_sets(dataset: Path) -> dict[str, list[tuple[Path, str]]]:
-    """(path, sku) rows of packshots, packshots+train, and val (the test split is never read)."""
+    """(path, sku) rows of packshots, train, packshots+train, and val (the test split is never read)."""
     with open(dataset / "classes.csv", newline="") as f:
         classes = list(csv.reader(f))[1:]
     name = {int(row[1]): row[0] for row in classes}
@@ -21,4 +21,5 @@ def grocery_sets(dataset: Path) -> dict[str, list[tuple[Path, str]]]:
             rows = [line.strip().split(", ") for line in f if line.strip()]
         return [(dataset / r[0], name[int(r[1])]) for r in rows]
 
-    return {"packshots": packshots, "packshots+train": packshots + split("train.txt"), "val": split("val.txt")}
+    train = split("train.txt")
+    return {"packshots": packshots, "train": train, "packshots+train": packshots + train, "val": split("val.txt")}

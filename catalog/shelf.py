@@ -22,6 +22,7 @@ Everything is deterministic from ``seed``: the same seed gives the same frame, p
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from catalog.build import Reference
 from catalog.compliance import (
+    CALIBRATION_CONFIDENCE,
     DEFAULT_COMPLIANCE,
     ComplianceQuality,
     FacingStatus,
@@ -99,6 +101,32 @@ def val_photos(dataset: Path, skus: Sequence[str] | None = None) -> dict[str, li
     for path, sku in grocery_sets(dataset)["val"]:
         if wanted is None or sku in wanted:
             photos.setdefault(sku, []).append(path)
+    return {sku: sorted(paths) for sku, paths in sorted(photos.items())}
+
+
+def calibration_photos(dataset: Path, catalog: Catalog) -> dict[str, list[Path]]:
+    """SKU -> its photos in the dataset's train split that are not among ``catalog``'s references
+    (compared by content, so that copies count), for the catalogue's SKUs: calibration frames made
+    of them share no photo with the catalogue or with the val photos that evaluation composes from.
+    Raises CatalogError when a reference file cannot be read (it might be among them)."""
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    references: set[str] = set()
+    for ref in catalog.references:
+        try:
+            references.add(digest(Path(ref)))
+        except OSError as exc:
+            raise CatalogError(f"reference {ref} of the catalogue cannot be read ({exc.strerror}), so calibration "
+                               "photos cannot be told apart from it: give the photos with --photos") from exc
+    wanted = set(catalog.skus)
+    photos: dict[str, list[Path]] = {}
+    for path, sku in grocery_sets(dataset)["train"]:
+        if sku in wanted and digest(path) not in references:
+            photos.setdefault(sku, []).append(path)
+    if not photos:
+        raise CatalogError(f"no train photos of the catalogue's products in {dataset} are left outside its "
+                           "references: give labelled photos with --photos")
     return {sku: sorted(paths) for sku, paths in sorted(photos.items())}
 
 
@@ -318,7 +346,7 @@ def photo_halves(photos: Mapping[str, Sequence[Path]]) -> tuple[dict[str, list[P
 def calibrate_on_frames(
     catalog: Catalog, embedder: Embedder, photos: Mapping[str, Sequence[Path]], *, frames: int,
     seed: int = CALIBRATION_SEED, target_precision: float = 0.95, empty_folder: Path | None = None,
-    empty_references: int = 60,
+    empty_references: int = 60, confidence: float = CALIBRATION_CONFIDENCE,
 ) -> tuple[Catalog, LabelledFacings]:
     """``catalog`` with its compliance operating point chosen on ``frames`` composed frames (and the
     empty entry added first, its references under ``empty_folder``, when it has none)."""
@@ -329,7 +357,7 @@ def calibrate_on_frames(
     labelled = labelled_facings(compose_frames(photos, frames, seed=seed), catalog, embedder)
     try:
         point = calibrate_compliance(labelled.scores, catalog.skus, labelled.expected, labelled.truth,
-                                     target_precision=target_precision)
+                                     target_precision=target_precision, confidence=confidence)
     except ValueError as exc:
         raise CatalogError(f"{exc} ({len(labelled.truth)} facings of {frames} frames; try more frames)") from exc
     return replace(catalog, compliance=point), labelled

@@ -183,16 +183,20 @@ def _catalog_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shelf_photos(args: argparse.Namespace, skus: Sequence[str]) -> dict[str, list[Path]]:
-    """The photos frames are composed from: --photos DIR/<sku>/<image>, else the dataset's val split."""
+def _shelf_photos(args: argparse.Namespace, catalog: Catalog, *, calibration: bool) -> dict[str, list[Path]]:
+    """The photos frames are composed from: --photos DIR/<sku>/<image>; else, to calibrate, the
+    dataset's train photos that are not the catalogue's references, and to evaluate, its val photos
+    (so that the evaluation's photos are never the calibration's)."""
     from catalog.build import references_from_folder
-    from catalog.shelf import val_photos
+    from catalog.shelf import calibration_photos, val_photos
 
     if not args.photos:
-        return val_photos(Path(args.dataset), skus)
+        if calibration:
+            return calibration_photos(Path(args.dataset), catalog)
+        return val_photos(Path(args.dataset), catalog.skus)
     photos: dict[str, list[Path]] = {}
     for ref in references_from_folder(Path(args.photos)):
-        if ref.sku in skus:
+        if ref.sku in catalog.skus:
             photos.setdefault(ref.sku, []).append(ref.path)
     return photos
 
@@ -204,9 +208,9 @@ def _catalog_calibrate_compliance(args: argparse.Namespace) -> int:
     catalog = Catalog.load(args.catalog)
     out = Path(args.out or args.catalog)
     calibrated, labelled = calibrate_on_frames(
-        catalog, _model_for(catalog, args.device), _shelf_photos(args, catalog.skus), frames=args.frames,
+        catalog, _model_for(catalog, args.device), _shelf_photos(args, catalog, calibration=True), frames=args.frames,
         seed=args.seed, target_precision=args.target_precision, empty_folder=out.parent / f"{out.stem}.empty",
-        empty_references=args.empty_references,
+        empty_references=args.empty_references, confidence=args.confidence,
     )
     calibrated.save(out)
     c = calibrated.compliance
@@ -228,10 +232,10 @@ def _eval_compliance(args: argparse.Namespace) -> int:
         raise CatalogError("--compliance evaluates one catalogue: give --catalog FILE once")
     catalog = Catalog.load(args.catalog[0])
     embedder = _model_for(catalog, args.device)
-    photos = _shelf_photos(args, catalog.skus)
+    photos = _shelf_photos(args, catalog, calibration=False)
     result = evaluate_on_frames(catalog, embedder, photos, frames=args.frames,
                                 target_precision=args.target_precision or 0.95)
-    print(f"{result.frames} composed frames from the val photos, {result.facings} facings")
+    print(f"{result.frames} composed frames from {args.photos or 'the val photos'}, {result.facings} facings")
     stored = "the catalogue's operating point" if catalog.compliance else "no stored operating point: the default rule"
     print(format_quality(stored, result.stored))
     print(format_quality("default rule (expected product best, empty entry best)", result.default_rule))
@@ -462,17 +466,21 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     cal.set_defaults(func=_catalog_calibrate)
     cc = cat.add_parser("calibrate-compliance", help="choose the planogram verification's operating point "
-                        "(wrong-product, empty) on shelf frames composed from the val photos")
+                        "(wrong-product, empty) on shelf frames composed from train photos that are not references")
     cc.add_argument("--catalog", required=True, help="catalogue file to calibrate (gains the __empty__ entry "
                     "if it lacks one, from generated empty bays written beside --out)")
     cc.add_argument("--dataset", default=str(_default_dataset()), help="the Grocery Store Dataset folder")
-    cc.add_argument("--photos", help="compose from DIR/<sku>/<image> instead of the dataset's val split")
+    cc.add_argument("--photos", help="compose from DIR/<sku>/<image> instead of the dataset's train photos that "
+                    "are not among the catalogue's references")
     cc.add_argument("--frames", type=int, default=40, help="composed frames, 24 facings each (default 40)")
     cc.add_argument("--empty-references", type=int, default=60, metavar="N",
                     help="generated empty-bay crops for the __empty__ entry, when it is added (default 60)")
     cc.add_argument("--seed", type=int, default=1, help="seed of the composed frames (eval uses 2)")
     cc.add_argument("--target-precision", type=float, default=0.95,
                     help="least share of right 'wrong-product' calls (default 0.95)")
+    cc.add_argument("--confidence", type=float, default=0.99,
+                    help="confidence with which the precision must reach the target on these frames (its "
+                    "one-sided lower bound; default 0.99, needs ~30 frames; 0: the precision observed)")
     cc.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
     cc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     cc.set_defaults(func=_catalog_calibrate_compliance)
@@ -518,7 +526,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--compliance", action="store_true",
                     help="planogram compliance on shelf frames composed from the val photos (one --catalog)")
     ev.add_argument("--dataset", default=str(_default_dataset()), help="for --compliance: the Grocery Store folder")
-    ev.add_argument("--frames", type=int, default=40, help="for --compliance: composed frames (default 40)")
+    ev.add_argument("--frames", type=int, default=80, help="for --compliance: composed frames, half from each half "
+                    "of the photos (default 80: each half holds enough wrong-product facings to calibrate on)")
     ev.add_argument("--photos", help="for --compliance: compose from DIR/<sku>/<image>, not the val split")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     ev.set_defaults(func=_eval)

@@ -30,7 +30,8 @@ from catalog.render import render_compliance
 from catalog.shelf import ShelfFrame, compose_frame
 
 FRAMES = 3
-CALIBRATION_FRAMES = 12
+# The operating point must reach 95% wrong-product precision with 99% confidence: ~30 frames at least.
+CALIBRATION_FRAMES = 40
 TIMEOUT_S = 300
 
 

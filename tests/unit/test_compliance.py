@@ -8,6 +8,7 @@ from PIL import Image
 from catalog.compliance import (
     DEFAULT_COMPLIANCE,
     FacingStatus,
+    best_threshold,
     calibrate_compliance,
     compliance_quality,
     format_quality,
@@ -110,6 +111,26 @@ def test_calibration_refuses_a_target_no_operating_point_reaches():
     truth = [OK, WRONG] * 5  # identical rows, half right: no threshold separates them
     with pytest.raises(ValueError, match="precision"):
         calibrate_compliance(scores, SKUS, ["Banana"] * 10, truth, target_precision=0.95)
+
+
+def test_a_confident_operating_point_needs_enough_facings_and_keeps_a_margin():
+    """At confidence 0.99 the precision's lower bound must reach the target: a perfect separation
+    of 40 wrong-product facings is not enough evidence, one of 200 is; and with overlapping scores
+    the point chosen is stricter than the observed 95% boundary."""
+    def separated(n_wrong: int) -> tuple[np.ndarray, np.ndarray]:
+        values = np.concatenate([np.linspace(1.0, 2.0, n_wrong), np.linspace(-1.0, 0.0, 500)])
+        return values, np.arange(len(values)) < n_wrong
+
+    assert best_threshold(*separated(40), 0.95) is not None
+    assert best_threshold(*separated(40), 0.95, confidence=0.99) is None
+    assert best_threshold(*separated(200), 0.95, confidence=0.99) is not None
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(1.0, 0.5, 300), rng.normal(-1.0, 0.5, 3000)])
+    positive = np.arange(len(values)) < 300
+    observed = best_threshold(values, positive, 0.95)
+    confident = best_threshold(values, positive, 0.95, confidence=0.99)
+    assert observed is not None and confident is not None
+    assert confident[0] > observed[0] and confident[1] > observed[1] >= 0.95
 
 
 def test_quality_counts_ok_facings_flagged_as_anything_else():

@@ -114,8 +114,8 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
 def test_compliance_is_calibrated_into_the_catalogue_then_evaluated_and_rendered(tmp_path, grocery_catalog):
     out = tmp_path / "compliance.safetensors"
     code = main(["catalog", "calibrate-compliance", "--catalog", str(grocery_catalog[1]), "--photos", str(PHOTOS),
-                 "--frames", "3", "--empty-references", "6", "--target-precision", "0.8", "--out", str(out),
-                 "--device", "cpu"])
+                 "--frames", "3", "--empty-references", "6", "--target-precision", "0.8", "--confidence", "0",
+                 "--out", str(out), "--device", "cpu"])
     assert code == 0
     catalog = Catalog.load(out)
     assert catalog.compliance is not None and "__empty__" in catalog.skus

@@ -112,3 +112,38 @@ def test_labelled_facings_match_every_crop_against_a_catalogue_with_the_empty_en
     verdicts = judge_frame(frames[0].image, frames[0].planogram, with_empty, embedder)
     assert [v.slot_id for v in verdicts] == [s.id for s in frames[0].planogram.slots]
     assert [v.expected for v in verdicts] == list(frames[0].planogram.skus())
+
+
+def test_calibration_photos_are_train_photos_that_are_not_references_even_as_copies(tmp_path):
+    """A tiny dataset in the Grocery Store layout: two products with three train photos each; the
+    catalogue holds a copy of one of them under another name. Calibration gets the other five."""
+    from dataclasses import replace
+
+    from catalog.errors import CatalogError
+    from catalog.shelf import calibration_photos
+    from tests.unit.test_matcher import random_catalog
+
+    dataset = tmp_path / "grocery"
+    skus = ("Banana", "Kiwi")
+    rows = []
+    demo = Path(__file__).resolve().parents[2] / "data" / "grocery-demo" / "references"
+    for k, sku in enumerate(skus):
+        for i, src in enumerate(sorted((demo / sku).glob("*_00*.jpg"))[:3]):
+            path = dataset / "train" / sku / f"{sku}_{i:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(src.read_bytes())
+            rows.append(f"train/{sku}/{path.name}, {k}, {k}")
+    (dataset / "train.txt").write_text("\n".join(rows) + "\n")
+    (dataset / "val.txt").write_text("")
+    classes = "".join(f"{s},{k},{s},{k},/x/{s}.jpg,/x/{s}.txt\n" for k, s in enumerate(skus))
+    (dataset / "classes.csv").write_text("name,id,coarse,coarse id,iconic,description\n" + classes)
+    copy = tmp_path / "refs" / "renamed.jpg"
+    copy.parent.mkdir()
+    copy.write_bytes((dataset / "train" / "Kiwi" / "Kiwi_001.jpg").read_bytes())
+    catalog = replace(random_catalog(products=2, refs_per_product=1), skus=skus, references=(str(copy), str(copy)))
+    photos = calibration_photos(dataset, catalog)
+    assert {sku: [p.name for p in paths] for sku, paths in photos.items()} == {
+        "Banana": ["Banana_000.jpg", "Banana_001.jpg", "Banana_002.jpg"], "Kiwi": ["Kiwi_000.jpg", "Kiwi_002.jpg"]}
+    gone = replace(catalog, references=(str(copy), str(tmp_path / "refs" / "moved.jpg")))
+    with pytest.raises(CatalogError, match="cannot be read"):
+        calibration_photos(dataset, gone)

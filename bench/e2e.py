@@ -98,8 +98,9 @@ async def create(bootstrap: str, *topics: str, partitions: int = 3) -> None:
         await admin.close()
 
 
-async def send(bootstrap: str, topic: str, photos: list[bytes], n: int, rate: float | None = None) -> None:
-    """n photos, as fast as possible or paced at ``rate`` per second (open loop)."""
+async def send(bootstrap: str, topic: str, photos: list[bytes], n: int, rate: float | None = None,
+               headers: list[tuple[str, bytes]] | None = None) -> None:
+    """n photos, as fast as possible or paced at ``rate`` per second (open loop), each with ``headers``."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024, linger_ms=5)
     await producer.start()
     try:
@@ -110,7 +111,8 @@ async def send(bootstrap: str, topic: str, photos: list[bytes], n: int, rate: fl
                 delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing the offered load
-            futures.append(await producer.send(topic, photos[i % len(photos)], key=f"cam-{i % 8}".encode()))
+            futures.append(await producer.send(topic, photos[i % len(photos)], key=f"cam-{i % 8}".encode(),
+                                               headers=headers))
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -140,6 +142,7 @@ def rate_of(records: list) -> float:
 class Service:
     def __init__(
         self, bootstrap: str, catalog: Path, topic: str, out: str, group: str, execution: str, precision: str,
+        **extra: str,
     ) -> None:
         import socket
 
@@ -153,7 +156,8 @@ class Service:
                "SHELFMATCH_BATCH_SIZE": str(BATCH), "SHELFMATCH_LOG_LEVEL": "WARNING",
                "SHELFMATCH_EXECUTION": execution, "SHELFMATCH_PRECISION": precision,
                "SHELFMATCH_NETWORK_CACHE": str(NETWORKS),
-               "SHELFMATCH_THRESHOLD": "0.7"}  # the benchmark measures speed, not verdicts
+               "SHELFMATCH_THRESHOLD": "0.7",  # the benchmark measures speed, not verdicts
+               **extra}
         self.proc = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env, cwd=ROOT)
         self.peak_rss = 0
         deadline = time.monotonic() + 300

@@ -7,7 +7,7 @@
   on the device), ``--batch`` at a time: the most facings/s the hardware gives at that batch size;
 - service: shelf frames (composed from the demo photos, ``--facings`` per frame on 4 rows) fed
   as Kafka records from memory through the service's own stages: header checks and frame
-  decode in the decode pool, photo batching, the facing cut (``roi_align`` on the model's
+  decode in the decode pool, photo batching, the facing cut (on the model's
   device), facing batching, embedding, compliance verdicts against the planogram, and the
   ComplianceEvent JSON of every frame. No broker (bench/e2e.py measures Kafka's share).
 

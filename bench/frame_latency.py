@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import math
 import os
@@ -28,11 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e import BATCH, OUT, Service, collect, create, rate_of, send  # noqa: E402
+from bench.e2e import BATCH, OUT, Service, collect, create, rate_of, send, watch  # noqa: E402
 from bench.facings import planogram, shelf_frames  # noqa: E402
 from catalog.build import build_catalog, references_from_folder  # noqa: E402
 from tests.kafka import Broker  # noqa: E402
@@ -50,6 +52,8 @@ def main() -> None:
     args = parser.parse_args()
 
     frames, skus = shelf_frames(24, args.facings)
+    with Image.open(io.BytesIO(frames[0])) as first:
+        frame_pixels = first.width * first.height
     catalog = OUT / f"catalog-{args.model}.safetensors"
     if not catalog.exists():
         build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=args.model,
@@ -67,7 +71,10 @@ def main() -> None:
         service = Service(broker.bootstrap, catalog, topic, out, f"g-{run}", "auto", "auto",
                           SHELFMATCH_PLANOGRAMS=str(plans))
         try:
-            backlog = asyncio.run(collect(broker.bootstrap, out, args.frames))
+            async def drain() -> list:
+                return await watch(service, asyncio.create_task(collect(broker.bootstrap, out, args.frames)))
+
+            backlog = asyncio.run(drain())  # peak RSS sampled meanwhile: the backlog fills every queue
             events = [json.loads(r.value) for r in backlog]
             assert all(e["schema_version"] == 2 and len(e["facings"]) == args.facings for e in events), \
                 "frames were not matched facing by facing"
@@ -82,6 +89,7 @@ def main() -> None:
                 return await consume
 
             records = asyncio.run(phase())[args.frames:]
+            peak_rss_mb = service.peak_rss / 1e6
         finally:
             service.stop()
     finally:
@@ -98,6 +106,7 @@ def main() -> None:
         "load": args.load, "offered_frames_s": rate, "frames": len(latency),
         "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95)),
         "p99_ms": float(np.percentile(latency, 99)), "bound_ms": bound_ms, "load_avg_1m": os.getloadavg()[0],
+        "frame_pixels": frame_pixels, "backlog_peak_rss_mb": peak_rss_mb,
     }
     (OUT / "frame_latency.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.model}, {args.facings} facings per frame, batch {BATCH}, {result['cpus']} CPUs, {result['date']}")
@@ -107,6 +116,8 @@ def main() -> None:
     print(f"| {capacity:.1f} ({capacity * args.facings:.0f}) | {batch_s * 1e3:.0f} | {args.load:.0%} | {rate:.1f} | "
           f"{len(latency)} | {result['p50_ms']:.0f} | {result['p95_ms']:.0f} | {result['p99_ms']:.0f} | "
           f"{bound_ms:.0f}: {'met' if result['p99_ms'] <= bound_ms else 'missed'} |")
+    print(f"peak RSS while draining the backlog of {args.frames} frames of {frame_pixels / 1e6:.2f} Mpx: "
+          f"{peak_rss_mb:.0f} MB")
 
 
 if __name__ == "__main__":

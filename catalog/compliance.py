@@ -226,6 +226,8 @@ def best_threshold(
 
 def wilson_lower(p: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
     """One-sided lower bound of a proportion ``p`` observed on ``n`` trials (Wilson score interval)."""
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence {confidence} must lie in [0.5, 1)")
     z = NormalDist().inv_cdf(confidence)
     z2 = z * z
     return (p + z2 / (2 * n) - z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)

@@ -106,9 +106,13 @@ def val_photos(dataset: Path, skus: Sequence[str] | None = None) -> dict[str, li
 
 def calibration_photos(dataset: Path, catalog: Catalog) -> dict[str, list[Path]]:
     """SKU -> its photos in the dataset's train split that are not among ``catalog``'s references
-    (compared by content, so that copies count), for the catalogue's SKUs: calibration frames made
-    of them share no photo with the catalogue or with the val photos that evaluation composes from.
-    Raises CatalogError when a reference file cannot be read (it might be among them)."""
+    (compared by content, so that byte-identical copies count; a re-encoded reference does not),
+    for the catalogue's SKUs: calibration frames made of them share no photo with the catalogue or
+    with the val photos that evaluation composes from. Raises CatalogError when the catalogue lists
+    no references or one cannot be read (its photo might be among them)."""
+    if not catalog.references:
+        raise CatalogError("the catalogue lists no references, so calibration photos cannot be told apart "
+                           "from them: give the photos with --photos")
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -367,7 +371,9 @@ def calibrate_on_frames(
 class ComplianceEvaluation:
     stored: ComplianceQuality  # at the catalogue's operating point (DEFAULT_COMPLIANCE without one)
     default_rule: ComplianceQuality  # expected product best, empty entry best: no calibration
-    cross_validated: tuple[ComplianceQuality, ...]  # calibrated on one photo half, measured on the other
+    # calibrated on one photo half, measured on the other; None where that half's facings reach no
+    # operating point (too few wrong-product facings for the confidence asked)
+    cross_validated: tuple[ComplianceQuality | None, ...]
     # Gaps without the empty entry: "the best product scores below t", t chosen on one photo half
     # (highest recall at 98% precision), (precision, recall) of empty measured on the other.
     empty_by_threshold: tuple[tuple[float | None, float | None], ...]
@@ -403,13 +409,15 @@ def evaluate_on_frames(
         fs = facing_scores(part.scores, catalog.skus, part.expected)
         return compliance_quality(statuses(fs, point), part.truth)
 
-    folds, by_threshold = [], []
+    folds: list[ComplianceQuality | None] = []
+    by_threshold: list[tuple[float | None, float | None]] = []
     for fit, held in ((facings[0], facings[1]), (facings[1], facings[0])):
         by_threshold.append(_empty_by_threshold(fit, held, catalog.skus))
         try:
             point = calibrate_compliance(fit.scores, catalog.skus, fit.expected, fit.truth,
                                          target_precision=target_precision)
         except ValueError:
+            folds.append(None)
             continue
         folds.append(measured(held, point))
     return ComplianceEvaluation(

@@ -84,7 +84,8 @@ class Catalog:
     def version(self) -> str:
         h = hashlib.sha256()
         # .data: the same bytes as tobytes(), hashed where they lie instead of copied first
-        h.update(np.ascontiguousarray(self.embeddings, dtype="<f4").data.cast("B"))
+        vectors = np.ascontiguousarray(self.embeddings, dtype="<f4")
+        h.update(vectors.data.cast("B") if vectors.size else b"")
         return _version(h, self.row_sku, self.skus, self.fingerprint)
 
     def head(self) -> ProjectionHead | None:
@@ -134,7 +135,8 @@ class Catalog:
         vectors = hashlib.sha256()  # the version's hash of the vectors, fed as they are read
         try:
             raw, tensors = _read(path, hash_embeddings=vectors)
-        except (SafetensorError, OSError, ValueError) as exc:
+        # TypeError: a dtype numpy lacks (bf16 head weights, say)
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
             raise CatalogFileError(f"{path} is not a readable catalogue: {exc}") from exc
         if raw is None:
             raise CatalogFileError(f"{path} has no shelfmatch metadata")
@@ -205,13 +207,14 @@ READ_SLICE_BYTES = 1 << 20
 def _version(vectors: hashlib._Hash, row_sku: np.ndarray, skus: tuple[str, ...], fingerprint: Fingerprint) -> str:
     """The catalogue's version: ``vectors`` has hashed its embeddings (float32, little-endian, row
     by row); the SKU of each row, the SKU list and the fingerprint follow."""
-    vectors.update(np.ascontiguousarray(row_sku, dtype="<i4").data.cast("B"))
+    vectors.update(np.ascontiguousarray(row_sku, dtype="<i4").tobytes())
     vectors.update(json.dumps([skus, fingerprint.to_dict()], sort_keys=True).encode())
     return vectors.hexdigest()[:12]
 
 
-# dtypes as stored: embeddings are hashed as read, so they must already be the version's float32
-EXPECTED_DTYPES = {"embeddings": np.dtype("<f4"), "row_sku": np.dtype("<i4")}
+# (safetensors) dtypes as stored: embeddings are hashed as read, so they must already be the
+# version's little-endian float32
+EXPECTED_DTYPES = {"embeddings": "F32", "row_sku": "I32"}
 
 
 def _read(path: Path, *, hash_embeddings: hashlib._Hash) -> tuple[str | None, dict[str, np.ndarray]]:
@@ -222,10 +225,10 @@ def _read(path: Path, *, hash_embeddings: hashlib._Hash) -> tuple[str | None, di
         raw = (f.metadata() or {}).get("shelfmatch")
         tensors = {}
         for name in f.keys():
+            stored, expected = f.get_slice(name).get_dtype(), EXPECTED_DTYPES.get(name)
+            if expected is not None and stored != expected:  # checked before a byte is read
+                raise ValueError(f"{name} is {stored}, expected {expected}")
             tensors[name] = _read_tensor(f, name, hash_embeddings if name == "embeddings" else None)
-            expected = EXPECTED_DTYPES.get(name)
-            if expected is not None and tensors[name].dtype != expected:
-                raise ValueError(f"{name} is {tensors[name].dtype}, expected {expected}")
         return raw, tensors
 
 

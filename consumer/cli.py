@@ -240,7 +240,12 @@ def _eval_compliance(args: argparse.Namespace) -> int:
     print(format_quality(stored, result.stored))
     print(format_quality("default rule (expected product best, empty entry best)", result.default_rule))
     for i, fold in enumerate(result.cross_validated):
-        print(format_quality(f"2-fold by photo, fold {i} (calibrated on the other half's frames)", fold))
+        name = f"2-fold by photo, fold {i} (calibrated on the other half's frames)"
+        if fold is None:
+            print(f"{name}: no operating point reaches the target on the other half's frames (too few "
+                  "wrong-product facings for the confidence: give more --frames)")
+        else:
+            print(format_quality(name, fold))
     for i, (precision, recall) in enumerate(result.empty_by_threshold):
         shown = "n/a" if precision is None or recall is None else f"{100 * precision:.1f}% / {100 * recall:.1f}%"
         print(f"empty by a threshold on the best product's score alone (no empty entry), fold {i}: "
@@ -408,6 +413,14 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
+def _confidence(text: str) -> float:
+    """A --confidence: 0 (the precision observed), or at least 0.5 and below 1."""
+    value = float(text)
+    if value != 0 and not 0.5 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 (the precision observed) or a value in [0.5, 1)")
+    return value
+
+
 def _default_dataset() -> Path:
     from catalog.shelf import DEFAULT_DATASET
 
@@ -478,7 +491,7 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("--seed", type=int, default=1, help="seed of the composed frames (eval uses 2)")
     cc.add_argument("--target-precision", type=float, default=0.95,
                     help="least share of right 'wrong-product' calls (default 0.95)")
-    cc.add_argument("--confidence", type=float, default=0.99,
+    cc.add_argument("--confidence", type=_confidence, default=0.99,
                     help="confidence with which the precision must reach the target on these frames (its "
                     "one-sided lower bound; default 0.99, needs ~30 frames; 0: the precision observed)")
     cc.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")

@@ -175,6 +175,9 @@ class CatalogWatcher:
         except CatalogError as exc:
             log.error("catalogue file %s changed but cannot be used (%s); %s", self.path, exc, keeps)
             return SwapResult.INVALID
+        except Exception:  # whatever a file can do to the reader, the serving catalogue stays
+            log.exception("catalogue file %s changed but reading it failed; %s", self.path, keeps)
+            return SwapResult.INVALID
         if FileIdentity.of(self.path) != identity:
             log.info("catalogue file %s changed while it was read; reading it again at the next poll", self.path)
             return None

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from catalog.store import Catalog
@@ -130,3 +131,14 @@ def test_compliance_is_calibrated_into_the_catalogue_then_evaluated_and_rendered
     assert report["facings"] == 48 and report["stored"]["facings"] == 48
     assert report["stored"]["empty_recall"] in (None, 1.0)  # generated empties are easy (docs/quality.md)
     assert (tmp_path / "report" / "compliance-frame.png").stat().st_size > 10_000
+
+
+def test_a_confidence_below_one_half_or_at_one_is_refused():
+    import argparse
+
+    from consumer.cli import _confidence
+
+    assert _confidence("0") == 0.0 and _confidence("0.99") == 0.99
+    for bad in ("0.3", "1", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _confidence(bad)

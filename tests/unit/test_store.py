@@ -34,7 +34,39 @@ def test_large_tensors_are_read_in_slices_with_nothing_lost(tmp_path, monkeypatc
     monkeypatch.setattr(store, "READ_SLICE_BYTES", 4 * row_bytes + 1)  # 4 rows a slice, 39 rows
     path = tmp_path / "c.safetensors"
     catalog.save(path)
+    reads: list[tuple[str, int, int]] = []
+    real_open = store.safe_open
+
+    class Counting:  # safe_open, counting the slices read from each tensor
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_slice(self, name):
+            view = self.inner.get_slice(name)
+
+            class View:
+                def __getattr__(self, attr):
+                    return getattr(view, attr)
+
+                def __getitem__(self, rows):
+                    reads.append((name, rows.start, rows.stop))
+                    return view[rows]
+            return View()
+
+    monkeypatch.setattr(store, "safe_open", Counting)
     loaded = Catalog.load(path)
+    assert [r for r in reads if r[0] == "embeddings" and r[2] - r[1] > 1] == [
+        ("embeddings", start, min(start + 4, 39)) for start in range(0, 39, 4)]
     assert loaded.embeddings.dtype == np.float32 and loaded.row_sku.dtype == np.int32
     np.testing.assert_array_equal(loaded.embeddings, catalog.embeddings)
     np.testing.assert_array_equal(loaded.row_sku, catalog.row_sku)
@@ -84,7 +116,23 @@ def test_vectors_stored_in_another_dtype_are_refused(tmp_path):
     meta = {"shelfmatch": _metadata(path)}
     save_file({"embeddings": catalog.embeddings.astype(np.float64), "row_sku": catalog.row_sku}, str(path),
               metadata=meta)
-    with pytest.raises(CatalogFileError, match="embeddings is float64, expected float32"):
+    with pytest.raises(CatalogFileError, match="embeddings is F64, expected F32"):
+        Catalog.load(path)
+
+
+def test_a_tensor_of_a_dtype_numpy_lacks_is_not_a_catalogue(tmp_path):
+    """bf16 has no numpy dtype: safetensors raises TypeError, which must be "not a catalogue" (a
+    running service keeps its catalogue then), not an error that escapes the watcher."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    catalog = random_catalog(products=3, refs_per_product=1)
+    path = tmp_path / "c.safetensors"
+    catalog.save(path)
+    save_torch({"embeddings": torch.from_numpy(catalog.embeddings), "row_sku": torch.from_numpy(catalog.row_sku),
+                "head.weight": torch.zeros(2, 2, dtype=torch.bfloat16)}, str(path),
+               metadata={"shelfmatch": _metadata(path)})
+    with pytest.raises(CatalogFileError, match="not a readable catalogue"):
         Catalog.load(path)
 
 

@@ -20,6 +20,8 @@ GUARANTEE = {
     "consumer kill -9 x3 (10k photos), at-least-once":
         "nothing lost; duplicates only from the uncommitted window, same event_id",
     "consumer kill -9 x3 (10k photos), exactly-once": "nothing lost, nothing duplicated (read_committed)",
+    "consumer kill -9 x2 with shelf frames in flight (600 photos, 7 facings per frame, batch 8), at-least-once":
+        "nothing lost (duplicates only from the uncommitted window); every frame's event has all its facings",
     "SIGTERM mid-stream, then restart": "everything fetched finished, published, committed; exit 0; no duplicates",
     "broker stop/start mid-stream": "the service survives (no crash loop); nothing lost",
     "second consumer joins, then leaves, at-least-once": "nothing lost across both rebalances",

@@ -55,7 +55,7 @@ async def test_kill_9_with_frames_spanning_batches_loses_nothing_and_no_event_is
     recovery = time.monotonic() - recovered_from
     lost, duplicated, _ = await verify(broker.bootstrap, topics.output, sent)
     reliability_log.append(Verdict(f"consumer kill -9 x2 with shelf frames in flight ({n} photos, "
-                                   f"{FACINGS} facings per frame, batch {BATCH})", n, lost, duplicated,
+                                   f"{FACINGS} facings per frame, batch {BATCH}), at-least-once", n, lost, duplicated,
                                    round(time.monotonic() - start, 1), round(recovery, 1),
                                    {"committed_at_each_kill": kills}))
     assert lost == 0

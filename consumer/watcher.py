@@ -223,15 +223,14 @@ class CatalogWatcher:
         """The new catalogue's matcher on ``device``, warmed up (catalogue thread). On CUDA the copy
         and the warm-up run on a stream of their own, beside the batches on the model's stream."""
         threshold, min_margin = operating_point(catalog, self.threshold, self.min_margin)
-        # On CUDA a batch is matched once, so that cuBLAS and top-k are set up for its shape before
-        # a photo needs them. A CPU has nothing to set up: a warm-up would only take the model's
-        # cores and memory bandwidth (a pass over the whole matrix) while photos are being matched.
-        example = torch.zeros((batch_size, catalog.fingerprint.dim)) if device.type == "cuda" else None
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             matcher = Matcher(catalog, device=device, top_k=self.top_k, threshold=threshold, min_margin=min_margin)
-            if example is not None:
-                matcher.match(example)
+            # On CUDA a batch is matched once, so that cuBLAS and top-k are set up for its shape
+            # before a photo needs them. A CPU has nothing to set up: a warm-up would only take the
+            # model's cores and memory bandwidth (a pass over the whole matrix) beside the photos.
+            if stream is not None:
+                matcher.match(torch.zeros((batch_size, catalog.fingerprint.dim)))
         if stream is not None:
             stream.synchronize()
         return matcher

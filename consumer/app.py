@@ -194,12 +194,11 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health, 
 def _lower_priority() -> None:
     """Run this thread only when the CPUs have nothing else to do: loading a new catalogue must
     not take the cores the model needs. Linux's SCHED_IDLE policy (per thread; an unprivileged
-    process may choose it) yields to any other thread at once; nice 10, the fallback, did not (a
-    side harness on 2 cores, OpenVINO batches of 8 beside a 256 MB catalogue loading without pause:
-    median batch time +42% at nice 10, +24% with SCHED_IDLE; docs/performance.md has the effect on
-    a swap under a stream, bench/catalog_swap.py). It is not starved while a backlog
-    keeps the model busy: a 256 MB load took 1.0 s beside back-to-back batches. If it is preempted
-    holding the GIL, the others wait at most until a core frees, about one batch."""
+    process may choose it) yields to any other thread at once; nice 10, the fallback, did not
+    (bench/catalog_load.py on 2 cores, OpenVINO batches of 8 beside a 256 MB catalogue loading
+    without pause: median batch time +34% at nice 10, +4% with SCHED_IDLE). It is not starved while
+    a backlog keeps the model busy: a 256 MB load took 0.8 s beside back-to-back batches. If it is
+    preempted holding the GIL, the others wait at most until a core frees, about one batch."""
     tid = threading.get_native_id()
     try:
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))

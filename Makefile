@@ -16,7 +16,7 @@ MODEL ?= efficientnet_lite0
 UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync image image-tools FORCE
+.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync image image-tools image-space FORCE
 
 # The virtual environment is rebuilt when the pinned dependencies change. uv keeps one copy of
 # each wheel in its cache (~/.cache/uv), so a fresh clone installs torch in seconds, not minutes.
@@ -122,14 +122,41 @@ IMAGE_BASE_GONE := $(call image_gone,$(IMAGE_OUT)/base.id)
 IMAGE_GONE := $(call image_gone,$(IMAGE_OUT)/image.id)
 endif
 
+# A checkout whose stamp is missing (every clean clone, CI) reuses the base that another one made
+# from the same scripts/image-base, found by a tag keyed on that script's content, instead of making
+# a new one: a new base has a new id, which misses podman's layer cache for the 6 GB dependency
+# layers and stores them again (two clean clones on a full machine once ran it out of disk).
+# `podman rmi` the keyed tag to take Debian's newer packages.
+IMAGE_BASE_KEYED = $(IMAGE_BASE)-$(shell sha256sum scripts/image-base | cut -c1-12)
 $(IMAGE_OUT)/base.id: scripts/image-base $(IMAGE_BASE_GONE) | image-tools
 	@mkdir -p $(IMAGE_OUT)
-	scripts/image-base $(IMAGE_BASE_SUITE) $(IMAGE_BASE) $(IMAGE_OUT)
-	podman image inspect --format '{{.Id}}' $(IMAGE_BASE) > $@
+	@if podman image exists $(IMAGE_BASE_KEYED); then echo "reusing $(IMAGE_BASE_KEYED)"; \
+	else scripts/image-base $(IMAGE_BASE_SUITE) $(IMAGE_BASE) $(IMAGE_OUT) && podman tag $(IMAGE_BASE) $(IMAGE_BASE_KEYED); fi
+	podman image inspect --format '{{.Id}}' $(IMAGE_BASE_KEYED) > $@
+
+# A build needs room for the dependency layer twice over (the deps stage, the runtime's copy) and
+# a blob being written: about 20 GB on a cold cache. Below that, untagged images that nothing uses
+# are pruned first, and the build stops with what to do when that is not enough. A build that
+# fails removes the buildah working containers it left (a commit that ran out of disk left three,
+# holding 6 GB each, which no prune removes).
+IMAGE_MIN_FREE_GB := 20
+image-space: | image-tools
+	@root=$$(podman info --format '{{.Store.GraphRoot}}'); mkdir -p "$$root"; \
+	free() { df -P -BG "$$root" /var/tmp | awk 'NR>1 {gsub("G","",$$4); print $$4}' | sort -n | head -n 1; }; \
+	if [ "$$(free)" -lt $(IMAGE_MIN_FREE_GB) ]; then \
+	  echo "only $$(free) GB free for podman ($$root, /var/tmp); pruning untagged images"; podman image prune -f >/dev/null; \
+	  if [ "$$(free)" -lt $(IMAGE_MIN_FREE_GB) ]; then \
+	    echo "still $$(free) GB free, $(IMAGE_MIN_FREE_GB) needed: see 'podman images', 'podman ps -a --external' (leftover build containers: podman rm -f --storage ID)" >&2; exit 1; fi; \
+	fi
 
 $(IMAGE_OUT)/image.id: $(IMAGE_OUT)/base.id $(IMAGE_SOURCES) $(BIN)/.installed $(IMAGE_GONE) | image-tools
-	@start=$$(date +%s); $(PODMAN_BUILD) --iidfile $@.tmp -t $(IMAGE) . && mv $@.tmp $@ \
-		&& echo "image $(IMAGE) built in $$(( $$(date +%s) - start )) s"
+	@$(MAKE) --no-print-directory image-space
+	@start=$$(date +%s); since=$$(date -u '+%Y-%m-%d %H:%M:%S'); \
+	if $(PODMAN_BUILD) --iidfile $@.tmp -t $(IMAGE) .; then mv $@.tmp $@; \
+		echo "image $(IMAGE) built in $$(( $$(date +%s) - start )) s"; \
+	else podman ps -a --external --format '{{.ID}} {{.CreatedAt}} {{.Names}}' \
+		| awk -v since="$$since" '$$2 " " substr($$3, 1, 8) >= since && $$NF ~ /-working-container/ {print $$1}' \
+		| xargs -r podman rm -f --storage >/dev/null; exit 1; fi
 
 image: $(IMAGE_OUT)/image.id
 

@@ -9,7 +9,10 @@ bf16), measured in the same run on the same machine:
 - naive reference consumer (bench/naive_consumer.py): one message at a time;
 - service at offered loads (fractions of its maximum): end-to-end latency p50/p95/p99 from the
   input record's timestamp to the event's publish timestamp;
-- peak resident memory of the service.
+- peak resident memory of the service;
+- the cores used in each phase by the service, the broker and this process (the load producer and
+  the event collector): on this machine all three share the same cores, and what the service had
+  left explains both its share of the model alone and its latency.
 
     .venv/bin/python bench/e2e.py [--models efficientnet_lite0,resnet18] [--sizes store,fullhd]
         [--executions eager,openvino,openvino:fp32]
@@ -188,6 +191,34 @@ class Service:
         self.proc.wait(60)
 
 
+def broker_pid() -> int | None:
+    """The local broker's pid from scripts/kafka-local's state file (None for an outside broker)."""
+    state = ROOT / ".cache" / "kafka" / "bench.json"
+    return json.loads(state.read_text()).get("pid") if state.exists() else None
+
+
+class CpuShares:
+    """Cores used during a phase by the service, the broker and this process (the load producer and
+    the event collector), from their CPU times: on a machine where all three share the cores, what
+    the service had left explains its latency."""
+
+    def __init__(self, service_pid: int, broker: int | None) -> None:
+        self.procs = {"service": psutil.Process(service_pid), "bench": psutil.Process()}
+        if broker and psutil.pid_exists(broker):
+            self.procs["broker"] = psutil.Process(broker)
+        self.start = time.monotonic()
+        self.cpu = {name: self._cpu(p) for name, p in self.procs.items()}
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        t = proc.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def shares(self) -> dict[str, float]:
+        wall = time.monotonic() - self.start
+        return {name: (self._cpu(p) - self.cpu[name]) / wall for name, p in self.procs.items()}
+
+
 async def watch(service: Service, task: asyncio.Task) -> list:
     while not task.done():
         service.sample()
@@ -217,10 +248,13 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
     async def drain():
         return await watch(service, asyncio.create_task(collect(bootstrap, out, args.photos)))
 
+    cpu = CpuShares(service.proc.pid, broker_pid())
     result["service_img_s"] = rate_of(asyncio.run(drain()))
+    result["drain_cpu_cores"] = cpu.shares()
     result["batch_service_s"] = service.batch_service_s()
     result["service_peak_rss_mb"] = service.peak_rss / 1e6
-    print(f"[{run}] service max: {result['service_img_s']:.1f} img/s", flush=True)
+    print(f"[{run}] service max: {result['service_img_s']:.1f} img/s, cores used: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["drain_cpu_cores"].items()), flush=True)
 
     # Latency at offered loads, on the same service (fresh offsets for each phase).
     result["loads"] = []
@@ -234,7 +268,9 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
             await send(bootstrap, topic, photos, n, rate=rate)
             return await watch(service, consume)
 
+        cpu = CpuShares(service.proc.pid, broker_pid())
         records = asyncio.run(phase())[start_count:]
+        shares = cpu.shares()
         lat = []
         for r in records:
             event = json.loads(r.value)
@@ -242,9 +278,9 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
         lat = np.array(lat)
         result["loads"].append({"fraction": fraction, "offered_img_s": rate, "photos": n,
                                 "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-                                "p99_ms": float(np.percentile(lat, 99))})
-        print(f"[{run}] load {fraction:.0%}: p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms",
-              flush=True)
+                                "p99_ms": float(np.percentile(lat, 99)), "cpu_cores": shares})
+        print(f"[{run}] load {fraction:.0%}: p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms, "
+              f"cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), flush=True)
     result["service_peak_rss_mb"] = service.peak_rss / 1e6
     service.stop()
     return result

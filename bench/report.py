@@ -223,8 +223,9 @@ def e2e_section(data: dict) -> list[str]:
         ]
     lines += [
         "| model | photos | execution | model alone img/s | service img/s | service / model | service / eager "
-        "| naive img/s | service / naive | model alone / naive | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| naive img/s | service / naive | model alone / naive | peak RSS MB "
+        "| cores used while draining: service / broker / collector |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # Today's path (torch eager) is the baseline of the other executions measured in the same run.
     eager = {(r["model"], r["size"]): r["service_img_s"] for r in data["results"] if _execution(r) == "eager"}
@@ -236,19 +237,21 @@ def e2e_section(data: dict) -> list[str]:
             f"{r['model_alone_img_s']:.1f} | {r['service_img_s']:.1f} | "
             f"{r['service_img_s'] / r['model_alone_img_s']:.0%} | {versus} | {r['naive_img_s']:.1f} | "
             f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['model_alone_img_s'] / r['naive_img_s']:.1f}x | "
-            f"{r['service_peak_rss_mb']:.0f} |"
+            f"{r['service_peak_rss_mb']:.0f} | {_cores(r.get('drain_cpu_cores'))} |"
         )
     lines += [
         "",
         "Targets: service >= 90% of the model alone, >= 3x the naive consumer. A consumer that runs the "
         'same model cannot beat the model alone by more than the measurement\'s noise, so "model alone / naive" '
-        'is about the ceiling for "service / naive" on this machine.',
+        'is about the ceiling for "service / naive" on this machine. The model alone has both cores to itself; '
+        "while the service drains, the broker (and the benchmark's collector of events) run on the same cores, "
+        "measured in the last column.",
         "",
         "Latency at offered loads (input record timestamp to the event's publish timestamp):",
         "",
         "| model | photos | execution | load | offered img/s | p50 ms | p95 ms | p99 ms "
-        "| p99 bound at 50% (wait + 3 x batch) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| p99 bound at 50% (wait + 3 x batch) | cores used: service / broker / load producer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         bound = BATCH_MAX_WAIT_MS + 3 * r["batch_service_s"] * 1e3
@@ -259,9 +262,17 @@ def e2e_section(data: dict) -> list[str]:
             lines.append(
                 f"| {r['model']} | {r['size']} | {_execution(r)} | {load['fraction']:.0%} | "
                 f"{load['offered_img_s']:.1f} | "
-                f"{load['p50_ms']:.0f} | {load['p95_ms']:.0f} | {load['p99_ms']:.0f} | {mark} |"
+                f"{load['p50_ms']:.0f} | {load['p95_ms']:.0f} | {load['p99_ms']:.0f} | {mark} | "
+                f"{_cores(load.get('cpu_cores'))} |"
             )
     return lines + [""]
+
+
+def _cores(shares: dict[str, float] | None) -> str:
+    """Cores used in a phase by the service, the broker and the benchmark's own producer/collector."""
+    if not shares:
+        return "-"
+    return " / ".join(f"{shares[k]:.2f}" if k in shares else "-" for k in ("service", "broker", "bench"))
 
 
 def seed_section(data: dict) -> list[str]:

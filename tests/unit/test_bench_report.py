@@ -1,0 +1,41 @@
+"""bench/report.py rewrites docs/performance.md from the benchmark outputs present: a regeneration
+replaces the sections it generated and keeps, in place, those it did not."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+
+def test_a_regeneration_replaces_its_sections_and_keeps_the_others_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = tmp_path / "performance.md"
+    doc.write_text("\n".join([
+        "# Performance", "", "old preamble", "",
+        "## End to end", "", "old e2e table", "",
+        "## Cost of exactly-once", "", "kept: its output is absent here", "",
+        "## GPU", "", "old gpu", "",
+        "## Facings", "", "kept: written from another bench", "",
+    ]))
+    monkeypatch.setattr(report, "DOC", doc)
+    generated = ["# Performance", "", "new preamble", "", "## End to end", "", "new e2e table", "",
+                 "## GPU", "", "new gpu", "", "## Brand new", "", "appended", ""]
+
+    lines = report.merged(generated)
+
+    titles = [ln for ln in lines if ln.startswith("## ")]
+    assert titles == ["## End to end", "## Cost of exactly-once", "## GPU", "## Facings", "## Brand new"]
+    text = "\n".join(lines)
+    assert "new preamble" in text and "old preamble" not in text
+    assert "new e2e table" in text and "old e2e table" not in text
+    assert "new gpu" in text and "old gpu" not in text
+    assert "kept: its output is absent here" in text and "kept: written from another bench" in text
+
+
+def test_without_an_existing_report_it_is_the_generated_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "DOC", tmp_path / "absent.md")
+    generated = ["# Performance", "", "## End to end", "", "table", ""]
+    assert report.merged(generated) == generated

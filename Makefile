@@ -7,7 +7,8 @@
 #   make lock                                         re-pin requirements.lock from pyproject.toml
 #   make tools                                        build the deployment checkers once into .cache/tools/
 #   make chart-sync                                   copy the dashboards of deploy/grafana/ into the Helm chart
-#   make image                                        build the Dockerfile for real with podman (tests/deploy/test_image.py)
+#   make image                                        build the Dockerfile for real with podman (tests/deploy/test_image.py;
+#                                                     image-space, its disk check, runs first)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ MODEL ?= efficientnet_lite0
 UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync image image-tools image-space FORCE
+.PHONY: install demo test lint kafka-start kafka-stop lock clean tools chart-sync image image-tools image-space image-build FORCE
 
 # The virtual environment is rebuilt when the pinned dependencies change. uv keeps one copy of
 # each wheel in its cache (~/.cache/uv), so a fresh clone installs torch in seconds, not minutes.
@@ -126,37 +127,43 @@ endif
 # from the same scripts/image-base, found by a tag keyed on that script's content, instead of making
 # a new one: a new base has a new id, which misses podman's layer cache for the 6 GB dependency
 # layers and stores them again (two clean clones on a full machine once ran it out of disk).
-# `podman rmi` the keyed tag to take Debian's newer packages.
+# Builds on one machine share podman's store, so the base and the image are made under one lock.
+IMAGE_LOCK := flock /var/tmp/shelfmatch-image.lock
 IMAGE_BASE_KEYED = $(IMAGE_BASE)-$(shell sha256sum scripts/image-base | cut -c1-12)
 $(IMAGE_OUT)/base.id: scripts/image-base $(IMAGE_BASE_GONE) | image-tools
 	@mkdir -p $(IMAGE_OUT)
-	@if podman image exists $(IMAGE_BASE_KEYED); then echo "reusing $(IMAGE_BASE_KEYED)"; \
-	else scripts/image-base $(IMAGE_BASE_SUITE) $(IMAGE_BASE) $(IMAGE_OUT) && podman tag $(IMAGE_BASE) $(IMAGE_BASE_KEYED); fi
+	@$(IMAGE_LOCK) sh -c 'if podman image exists $(IMAGE_BASE_KEYED); then echo "reusing $(IMAGE_BASE_KEYED)"; \
+	else scripts/image-base $(IMAGE_BASE_SUITE) $(IMAGE_BASE_KEYED) $(IMAGE_OUT) && podman tag $(IMAGE_BASE_KEYED) $(IMAGE_BASE); fi'
 	podman image inspect --format '{{.Id}}' $(IMAGE_BASE_KEYED) > $@
 
-# A build needs room for the dependency layer twice over (the deps stage, the runtime's copy) and
-# a blob being written: about 20 GB on a cold cache. Below that, untagged images that nothing uses
-# are pruned first, and the build stops with what to do when that is not enough. A build that
-# fails removes the buildah working containers it left (a commit that ran out of disk left three,
-# holding 6 GB each, which no prune removes).
-IMAGE_MIN_FREE_GB := 20
+# Before a build: below 20 GB free for podman's store and /var/tmp (a cold build writes the 6 GB
+# dependency layer twice, the deps stage and the runtime's copy, plus a blob in /var/tmp), untagged
+# images older than a day are pruned (an older checkout's image is untagged too, but a day old is
+# past any test that reads it); below 8 GB after that, the build stops with what to look at. After a
+# failed build, the buildah working containers that it left (not there before it) are removed: a
+# commit that ran out of disk once left three, 6 GB each, which no prune removes.
+IMAGE_PRUNE_BELOW_GB := 20
+IMAGE_MIN_FREE_GB := 8
 image-space: | image-tools
-	@root=$$(podman info --format '{{.Store.GraphRoot}}'); mkdir -p "$$root"; \
+	@root=$$(podman info --format '{{.Store.GraphRoot}}') || exit 1; mkdir -p "$$root"; \
 	free() { df -P -BG "$$root" /var/tmp | awk 'NR>1 {gsub("G","",$$4); print $$4}' | sort -n | head -n 1; }; \
+	if [ "$$(free)" -lt $(IMAGE_PRUNE_BELOW_GB) ]; then \
+	  echo "$$(free) GB free for podman ($$root, /var/tmp): pruning untagged images older than 24 h"; \
+	  podman image prune -f --filter until=24h >/dev/null; echo "now $$(free) GB free"; fi; \
 	if [ "$$(free)" -lt $(IMAGE_MIN_FREE_GB) ]; then \
-	  echo "only $$(free) GB free for podman ($$root, /var/tmp); pruning untagged images"; podman image prune -f >/dev/null; \
-	  if [ "$$(free)" -lt $(IMAGE_MIN_FREE_GB) ]; then \
-	    echo "still $$(free) GB free, $(IMAGE_MIN_FREE_GB) needed: see 'podman images', 'podman ps -a --external' (leftover build containers: podman rm -f --storage ID)" >&2; exit 1; fi; \
-	fi
+	  echo "$$(free) GB free, $(IMAGE_MIN_FREE_GB) needed at least: see 'podman images' and 'podman ps -a --external' (leftover build containers: podman rm -f --storage ID)" >&2; exit 1; fi
 
+build_containers = podman ps -a --external --format '{{.ID}} {{.Names}}' | awk '$$2 ~ /-working-container/ {print $$1}' | sort
 $(IMAGE_OUT)/image.id: $(IMAGE_OUT)/base.id $(IMAGE_SOURCES) $(BIN)/.installed $(IMAGE_GONE) | image-tools
-	@$(MAKE) --no-print-directory image-space
-	@start=$$(date +%s); since=$$(date -u '+%Y-%m-%d %H:%M:%S'); \
-	if $(PODMAN_BUILD) --iidfile $@.tmp -t $(IMAGE) .; then mv $@.tmp $@; \
-		echo "image $(IMAGE) built in $$(( $$(date +%s) - start )) s"; \
-	else podman ps -a --external --format '{{.ID}} {{.CreatedAt}} {{.Names}}' \
-		| awk -v since="$$since" '$$2 " " substr($$3, 1, 8) >= since && $$NF ~ /-working-container/ {print $$1}' \
-		| xargs -r podman rm -f --storage >/dev/null; exit 1; fi
+	@$(IMAGE_LOCK) $(MAKE) --no-print-directory image-build
+
+image-build: image-space
+	@start=$$(date +%s); before=$$($(build_containers)); \
+	if $(PODMAN_BUILD) --iidfile $(IMAGE_OUT)/image.id.tmp -t $(IMAGE) .; then \
+		mv $(IMAGE_OUT)/image.id.tmp $(IMAGE_OUT)/image.id && echo "image $(IMAGE) built in $$(( $$(date +%s) - start )) s"; \
+	else echo "$$before" > $(IMAGE_OUT)/containers.before; \
+		$(build_containers) | comm -13 $(IMAGE_OUT)/containers.before - | xargs -r podman rm -f --storage >/dev/null; \
+		rm -f $(IMAGE_OUT)/containers.before; exit 1; fi
 
 image: $(IMAGE_OUT)/image.id
 

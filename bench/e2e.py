@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -191,10 +192,12 @@ class Service:
         self.proc.wait(60)
 
 
+BROKER_STATE = ROOT / ".cache" / "kafka" / "bench.json"
+BROKER_PID: int | None = None  # set by main() when it started the local broker; None for an outside one
+
+
 def broker_pid() -> int | None:
-    """The local broker's pid from scripts/kafka-local's state file (None for an outside broker)."""
-    state = ROOT / ".cache" / "kafka" / "bench.json"
-    return json.loads(state.read_text()).get("pid") if state.exists() else None
+    return BROKER_PID
 
 
 class CpuShares:
@@ -204,19 +207,25 @@ class CpuShares:
 
     def __init__(self, service_pid: int, broker: int | None) -> None:
         self.procs = {"service": psutil.Process(service_pid), "bench": psutil.Process()}
-        if broker and psutil.pid_exists(broker):
-            self.procs["broker"] = psutil.Process(broker)
+        if broker:
+            with contextlib.suppress(psutil.Error):
+                self.procs["broker"] = psutil.Process(broker)
         self.start = time.monotonic()
         self.cpu = {name: self._cpu(p) for name, p in self.procs.items()}
 
     @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        t = proc.cpu_times()
+    def _cpu(proc: psutil.Process) -> float | None:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # exited during the phase: its share is unknown, not zero
+            return None
         return t.user + t.system + t.children_user + t.children_system
 
     def shares(self) -> dict[str, float]:
         wall = time.monotonic() - self.start
-        return {name: (self._cpu(p) - self.cpu[name]) / wall for name, p in self.procs.items()}
+        now = {name: self._cpu(p) for name, p in self.procs.items()}
+        return {name: (end - begin) / wall for name, end in now.items()
+                if end is not None and (begin := self.cpu[name]) is not None}
 
 
 async def watch(service: Service, task: asyncio.Task) -> list:
@@ -316,12 +325,14 @@ def main() -> int:
     args.loads = [float(x) for x in args.loads.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     bootstrap = os.environ.get("SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS")
-    env = {**os.environ, "SHELFMATCH_KAFKA_STATE": str(ROOT / ".cache" / "kafka" / "bench.json")}
+    env = {**os.environ, "SHELFMATCH_KAFKA_STATE": str(BROKER_STATE)}
     started = not bootstrap
     if started:
         out = subprocess.run([str(ROOT / "scripts" / "kafka-local"), "start"], env=env, check=True,
                              stdout=subprocess.PIPE, text=True)
         bootstrap = out.stdout.strip().splitlines()[-1]
+        global BROKER_PID
+        BROKER_PID = json.loads(BROKER_STATE.read_text()).get("pid")
     sizes = {"store": store_photos, "fullhd": shelf_frames}
     results = []
     try:

@@ -243,14 +243,14 @@ def e2e_section(data: dict) -> list[str]:
         "",
         "Targets: service >= 90% of the model alone, >= 3x the naive consumer. A consumer that runs the "
         'same model cannot beat the model alone by more than the measurement\'s noise, so "model alone / naive" '
-        'is about the ceiling for "service / naive" on this machine. The model alone has both cores to itself; '
-        "while the service drains, the broker (and the benchmark's collector of events) run on the same cores, "
-        "measured in the last column.",
+        'is about the ceiling for "service / naive" on this machine. The model alone runs with nothing else '
+        "of the benchmark's running; while the service drains, the broker and the benchmark's collector of "
+        "events run on the same cores (the last column).",
         "",
         "Latency at offered loads (input record timestamp to the event's publish timestamp):",
         "",
         "| model | photos | execution | load | offered img/s | p50 ms | p95 ms | p99 ms "
-        "| p99 bound at 50% (wait + 3 x batch) | cores used: service / broker / load producer |",
+        "| p99 bound at 50% (wait + 3 x batch) | cores used: service / broker / load producer + collector |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
@@ -304,9 +304,10 @@ def sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """The lines before the first "## " title, and each section's lines by its title, in order."""
     head: list[str] = []
     by_title: dict[str, list[str]] = {}
-    current = head
+    current, fenced = head, False
     for line in lines:
-        if line.startswith("## "):
+        fenced ^= line.startswith("```")
+        if line.startswith("## ") and not fenced:
             current = by_title.setdefault(line, [])
         current.append(line)
     return head, by_title
@@ -321,10 +322,9 @@ def merged(generated: list[str]) -> list[str]:
         return generated
     _, old = sections(DOC.read_text().splitlines())
     lines = list(head)
-    for title, body in old.items():
-        lines += fresh.pop(title, body)
-    for body in fresh.values():
-        lines += body
+    for title, body in [*old.items(), *((t, b) for t, b in fresh.items() if t not in old)]:
+        body = fresh.get(title, body)
+        lines += body if body[-1:] == [""] else [*body, ""]  # a blank line between sections
     return lines
 
 
@@ -368,10 +368,10 @@ def main() -> int:
     if gpu is not None:
         lines += gpu_section(json.loads(gpu.read_text()), gpu)
     else:
-        lines += ["## GPU", "", "Not measured: run `bench/gpu.py` on a GPU machine.", ""]
+        lines += ["## GPU (`bench/gpu.py`)", "", "Not measured: run `bench/gpu.py` on a GPU machine.", ""]
     lines = merged(lines)
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text("\n".join(lines))
+    DOC.write_text("\n".join(lines).rstrip("\n") + "\n")
     print(f"wrote {DOC}")
     return 0
 

@@ -39,3 +39,26 @@ def test_without_an_existing_report_it_is_the_generated_text(tmp_path: Path, mon
     monkeypatch.setattr(report, "DOC", tmp_path / "absent.md")
     generated = ["# Performance", "", "## End to end", "", "table", ""]
     assert report.merged(generated) == generated
+
+
+def test_merging_the_real_report_again_changes_nothing_and_ends_with_a_newline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report in docs/ merged with only its own preamble regenerated: every section stays, in
+    order, once; written twice, the same bytes."""
+    real = report.DOC.read_text()
+    doc = tmp_path / "performance.md"
+    doc.write_text(real)
+    monkeypatch.setattr(report, "DOC", doc)
+    head, before = report.sections(real.splitlines())
+    once = "\n".join(report.merged(head)).rstrip("\n") + "\n"
+    doc.write_text(once)
+    twice = "\n".join(report.merged(head)).rstrip("\n") + "\n"
+    assert once == twice and once.endswith("\n") and not once.endswith("\n\n")
+    assert list(report.sections(once.splitlines())[1]) == list(before)
+    assert len(before) >= 5, list(before)
+
+
+def test_a_title_inside_a_code_block_is_not_a_section() -> None:
+    _, by_title = report.sections(["## A", "```", "## not a title", "```", "## B", "text"])
+    assert list(by_title) == ["## A", "## B"]

@@ -10,9 +10,9 @@ bf16), measured in the same run on the same machine:
 - service at offered loads (fractions of its maximum): end-to-end latency p50/p95/p99 from the
   input record's timestamp to the event's publish timestamp;
 - peak resident memory of the service;
-- the cores used in each offered-load phase by the service, the broker and this process (the load
-  producer and the event collector): on this machine all three share the same cores. (Not for the
-  backlog: the service starts draining it while it becomes ready, before a window could open.)
+- the cores used by the service, the broker and this process (the load producer and the event
+  collector) between the first and the last event of each phase, from CPU times sampled every 50 ms:
+  on this machine all three share the same cores.
 
     .venv/bin/python bench/e2e.py [--models efficientnet_lite0,resnet18] [--sizes store,fullhd]
         [--executions eager,openvino,openvino:fp32]
@@ -31,6 +31,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -163,6 +164,8 @@ class Service:
                "SHELFMATCH_THRESHOLD": "0.7",  # the benchmark measures speed, not verdicts
                **extra}
         self.proc = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env, cwd=ROOT)
+        self.cpu = CpuSampler({"service": self.proc.pid, "broker": broker_pid(), "bench": os.getpid()})
+        self.cpu.start()
         self.peak_rss = 0
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -188,6 +191,7 @@ class Service:
         return total / max(value('shelfmatch_stage_latency_seconds_count{stage="embed"}'), 1)
 
     def stop(self) -> None:
+        self.cpu.done.set()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
 
@@ -200,32 +204,50 @@ def broker_pid() -> int | None:
     return BROKER_PID
 
 
-class CpuShares:
-    """Cores used during a phase by the service, the broker and this process (the load producer and
-    the event collector), from their CPU times: on a machine where all three share the cores, what
-    the service had left explains its latency."""
+class CpuSampler(threading.Thread):
+    """CPU times of the service, the broker and this process (the load producer and the event
+    collector) every 50 ms from the service's start, so that the cores each used can be read for
+    any window afterwards: the backlog drains while the service becomes ready, before a phase could
+    open one. On this machine all three share the same cores."""
 
-    def __init__(self, service_pid: int, broker: int | None) -> None:
-        self.procs = {"service": psutil.Process(service_pid), "bench": psutil.Process()}
-        if broker:
-            with contextlib.suppress(psutil.Error):
-                self.procs["broker"] = psutil.Process(broker)
-        self.start = time.monotonic()
-        self.cpu = {name: self._cpu(p) for name, p in self.procs.items()}
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        super().__init__(daemon=True)
+        self.procs: dict[str, psutil.Process] = {}
+        for name, pid in pids.items():
+            if pid:
+                with contextlib.suppress(psutil.Error):
+                    self.procs[name] = psutil.Process(pid)
+        self.samples: list[tuple[float, dict[str, float | None]]] = []
+        self.done = threading.Event()
 
     @staticmethod
     def _cpu(proc: psutil.Process) -> float | None:
         try:
             t = proc.cpu_times()
-        except psutil.Error:  # exited during the phase: its share is unknown, not zero
+        except psutil.Error:  # exited: its share is unknown, not zero
             return None
         return t.user + t.system + t.children_user + t.children_system
 
-    def shares(self) -> dict[str, float]:
-        wall = time.monotonic() - self.start
-        now = {name: self._cpu(p) for name, p in self.procs.items()}
-        return {name: (end - begin) / wall for name, end in now.items()
-                if end is not None and (begin := self.cpu[name]) is not None}
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append((time.time(), {name: self._cpu(p) for name, p in self.procs.items()}))
+            self.done.wait(0.05)
+
+    def shares(self, start: float, end: float) -> dict[str, float]:
+        """Cores used between the wall-clock times ``start`` and ``end`` (the samples around them)."""
+        before = [s for s in self.samples if s[0] <= start] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= end] or self.samples[-1:]
+        (t0, cpu0), (t1, cpu1) = before[-1], after[0]
+        if t1 <= t0:
+            return {}
+        return {name: (c1 - c0) / (t1 - t0) for name, c1 in cpu1.items()
+                if c1 is not None and (c0 := cpu0.get(name)) is not None}
+
+
+def event_window(records: list) -> tuple[float, float]:
+    """The first and last event's timestamps, in seconds."""
+    stamps = [r.timestamp / 1000 for r in records]
+    return min(stamps), max(stamps)
 
 
 async def watch(service: Service, task: asyncio.Task) -> list:
@@ -257,10 +279,13 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
     async def drain():
         return await watch(service, asyncio.create_task(collect(bootstrap, out, args.photos)))
 
-    result["service_img_s"] = rate_of(asyncio.run(drain()))
+    drained = asyncio.run(drain())
+    result["service_img_s"] = rate_of(drained)
+    result["drain_cpu_cores"] = service.cpu.shares(*event_window(drained))
     result["batch_service_s"] = service.batch_service_s()
     result["service_peak_rss_mb"] = service.peak_rss / 1e6
-    print(f"[{run}] service max: {result['service_img_s']:.1f} img/s", flush=True)
+    print(f"[{run}] service max: {result['service_img_s']:.1f} img/s, cores used: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["drain_cpu_cores"].items()), flush=True)
 
     # Latency at offered loads, on the same service (fresh offsets for each phase).
     result["loads"] = []
@@ -274,9 +299,8 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
             await send(bootstrap, topic, photos, n, rate=rate)
             return await watch(service, consume)
 
-        cpu = CpuShares(service.proc.pid, broker_pid())
         records = asyncio.run(phase())[start_count:]
-        shares = cpu.shares()
+        shares = service.cpu.shares(*event_window(records))
         lat = []
         for r in records:
             event = json.loads(r.value)

@@ -223,8 +223,9 @@ def e2e_section(data: dict) -> list[str]:
         ]
     lines += [
         "| model | photos | execution | model alone img/s | service img/s | service / model | service / eager "
-        "| naive img/s | service / naive | model alone / naive | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| naive img/s | service / naive | model alone / naive | peak RSS MB "
+        "| cores used while draining: service / broker / collector |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # Today's path (torch eager) is the baseline of the other executions measured in the same run.
     eager = {(r["model"], r["size"]): r["service_img_s"] for r in data["results"] if _execution(r) == "eager"}
@@ -236,7 +237,7 @@ def e2e_section(data: dict) -> list[str]:
             f"{r['model_alone_img_s']:.1f} | {r['service_img_s']:.1f} | "
             f"{r['service_img_s'] / r['model_alone_img_s']:.0%} | {versus} | {r['naive_img_s']:.1f} | "
             f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['model_alone_img_s'] / r['naive_img_s']:.1f}x | "
-            f"{r['service_peak_rss_mb']:.0f} |"
+            f"{r['service_peak_rss_mb']:.0f} | {_cores(r.get('drain_cpu_cores'))} |"
         )
     lines += [
         "",
@@ -244,7 +245,7 @@ def e2e_section(data: dict) -> list[str]:
         'same model cannot beat the model alone by more than the measurement\'s noise, so "model alone / naive" '
         'is about the ceiling for "service / naive" on this machine. The model alone runs with nothing else '
         "of the benchmark's running; while the service drains, the broker and the benchmark's collector of "
-        "events run on the same cores.",
+        "events run on the same cores (the last column: cores used between the first and the last event).",
         "",
         "Latency at offered loads (input record timestamp to the event's publish timestamp):",
         "",

@@ -68,8 +68,15 @@ class OpenVinoNetwork:
     One stream over all the threads (OpenVINO's LATENCY hint) makes each layer a parallel loop whose
     threads meet at a barrier: when anything else takes a core for a moment (the service's own decode
     threads, a broker on the same box), every thread waits for the one that was descheduled. On these
-    2 cores that cost 32% of the network's throughput beside a process busy 30% of the time. Streams of
-    one thread each work on their own rows and meet once per batch; alone they are as fast."""
+    2 cores that cost about a quarter of the network's throughput beside a process busy 30% of one
+    core; streams of one thread each, which work on their own rows and meet once per batch, lost
+    about a sixth, and alone they are as fast (docs/performance.md, *OpenVINO streams*).
+
+    Threads are not pinned to cores: pinned, a static split is paced by whichever core something
+    else is using (streams alone then measured 0.88-0.90x of one stream); unpinned, the scheduler
+    moves a stream to the free core. OpenVINO may give fewer streams than asked; the batch is split
+    into as many as it gave. A static split is still paced by its slowest stream: on cores of
+    unequal speed (P- and E-cores), measure before relying on it."""
 
     def __init__(
         self, network: nn.Module, fingerprint: Fingerprint, *, precision: CpuPrecision, threads: int,
@@ -83,10 +90,10 @@ class OpenVinoNetwork:
         self.converted_now = False
         key = cache_key(fingerprint, network)
         # Precision is a compile-time choice: OpenVINO's default on a bf16 CPU is bf16, so fp32 is
-        # asked for explicitly. One stream per thread (see the class's docstring).
+        # asked for explicitly. One stream per thread, not pinned (see the class's docstring).
         self.streams = max(1, threads)
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                  "NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": self.streams}
+                  "NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": self.streams, "ENABLE_CPU_PINNING": False}
         model = self._read(cache_dir, key) if cache_dir is not None else None
         compiled = None
         if model is not None:
@@ -101,7 +108,10 @@ class OpenVinoNetwork:
                 self._write(model, cache_dir, key)
             compiled = ov.Core().compile_model(model, "CPU", config)
         self._compiled = compiled
+        # What OpenVINO gave, which can be fewer than asked (e.g. hyper-thread siblings are not counted).
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
         self._requests = [compiled.create_infer_request() for _ in range(self.streams)]
+        log.debug("OpenVINO: %d streams over %s threads", self.streams, compiled.get_property("INFERENCE_NUM_THREADS"))
 
     @staticmethod
     def _convert(network: nn.Module, fingerprint: Fingerprint) -> object:
@@ -154,10 +164,19 @@ class OpenVinoNetwork:
         # the requests' buffers, which the next inference overwrites.
         array = np.ascontiguousarray(pixels.numpy())
         parts = np.array_split(array, min(self.streams, len(array))) if len(array) else [array]
-        requests = self._requests[: len(parts)]
-        for request, part in zip(requests, parts, strict=True):
-            request.start_async({0: part}, share_inputs=True)
-        for request in requests:
-            request.wait()
-        outputs = [request.get_output_tensor(0).data for request in requests]
+        started: list = []
+        failed: list[RuntimeError] = []
+        try:
+            for request, part in zip(self._requests, parts, strict=False):  # parts <= streams
+                request.start_async({0: part}, share_inputs=True)
+                started.append(request)
+        finally:  # none may still read the input's memory, or be busy at the next call, once this returns
+            for request in started:
+                try:
+                    request.wait()
+                except RuntimeError as exc:
+                    failed.append(exc)
+        if failed:
+            raise failed[0]
+        outputs = [request.get_output_tensor(0).data for request in started]
         return torch.from_numpy(np.concatenate(outputs) if len(outputs) > 1 else outputs[0].copy())

@@ -131,3 +131,27 @@ def test_the_network_cache_defaults_to_the_cache_home(monkeypatch, tmp_path):
     monkeypatch.setenv("SHELFMATCH_EXECUTION", "openvino")
     settings = Settings()
     assert (settings.network_cache, settings.execution) == (tmp_path / "elsewhere", "openvino")
+
+
+def test_a_batch_split_across_streams_gives_each_row_the_vector_it_gets_alone(tmp_path):
+    """Rows are cut into one contiguous slice per stream and put back in order: every batch size,
+    including one smaller than the streams and an empty one, gives row by row what one photo alone gets."""
+    small = load_backbone("mobilenet_v3_small", weights="none", input_size=64)
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        embedder = Embedder(small, "cpu", execution="openvino", precision="fp32", cache_dir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    network = embedder._run
+    assert 1 <= network.streams <= 3  # type: ignore[attr-defined]
+    alone = torch.cat([network(pixels[i : i + 1]) for i in range(len(pixels))])
+    for n in (0, 1, 2, 5, 7):
+        out = network(pixels[:n])
+        assert out.shape == (n, alone.shape[1])
+        assert torch.allclose(out, alone[:n], atol=1e-5), n
+    first = network(pixels[:2])
+    network(pixels[2:4])  # the requests' buffers are overwritten: what was returned must not change
+    assert torch.allclose(first, alone[:2], atol=1e-5)

@@ -3,10 +3,10 @@ cores to itself and beside a process that takes part of one core, in one run.
 
     .venv/bin/python bench/openvino_streams.py [--model efficientnet_lite0] [--batch 32] [--seconds 3] [--repeat 2]
 
-- ``one stream``: OpenVINO's LATENCY hint over all the threads, a batch per synchronous call (what
-  the service ran before);
-- ``streams``: one stream per thread, each batch split into contiguous slices started at once
-  (``catalog.runtime.OpenVinoNetwork``, what the service runs).
+- ``one stream``: OpenVINO's LATENCY hint over all the threads, a batch per synchronous call (the
+  service's default, ``catalog.runtime.OpenVinoNetwork``);
+- ``streams``: one stream per thread, unpinned, each batch split into contiguous slices started at
+  once (``OpenVinoNetwork(..., streams=threads)``).
 
 Beside each: nothing, then a second process that spins for part of every 10 ms (30%, 60%, 100%
 of one core), standing in for what shares an edge box's cores with the network (the service's
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from catalog.embedder import Embedder  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
-from catalog.runtime import OpenVinoNetwork, cache_key, native_bf16  # noqa: E402
+from catalog.runtime import OpenVinoNetwork, native_bf16  # noqa: E402
 from consumer.settings import available_cpus  # noqa: E402
 
 SPIN = """
@@ -68,13 +68,13 @@ def main() -> None:
     # The service's own conversion, cached by fingerprint: both variants compile the same model.
     embedder = Embedder(load_backbone(args.model, weights="none"), torch.device("cpu"), precision="auto",
                         execution="openvino", batch_size=args.batch, cache_dir=ROOT / ".cache" / "networks")
-    streams = embedder._run
-    assert isinstance(streams, OpenVinoNetwork), type(streams)
+    one_stream_network = embedder._run
+    assert isinstance(one_stream_network, OpenVinoNetwork), type(one_stream_network)
     precision = "bf16" if embedder.precision == "bf16" else "f32"
-    xml = ROOT / ".cache" / "networks" / f"{cache_key(embedder.fingerprint, embedder._net)}.xml"
-    one = ov.Core().compile_model(ov.Core().read_model(str(xml)), "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-    request = one.create_infer_request()
+    streams = OpenVinoNetwork(embedder._net, embedder.fingerprint, precision=embedder.precision,  # type: ignore[arg-type]
+                              threads=threads, streams=threads, cache_dir=ROOT / ".cache" / "networks")
+    one = one_stream_network._compiled
+    request = one.create_infer_request()  # the service's default: one synchronous call per batch
     x = torch.randint(0, 256, (args.batch, 3, *embedder.fingerprint.preprocessing.size[::-1]), dtype=torch.uint8)
     array = np.ascontiguousarray(x.numpy())
 

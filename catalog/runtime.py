@@ -63,24 +63,21 @@ def cache_key(fingerprint: Fingerprint, network: nn.Module) -> str:
 
 class OpenVinoNetwork:
     """The catalogue's network compiled by OpenVINO for this CPU, at ``precision``, on ``threads``
-    threads: one stream per thread, each batch split across the streams (bench/openvino_streams.py).
+    threads: by default one stream over all of them (OpenVINO's LATENCY hint), one batch per call;
+    with ``streams`` > 1, that many streams sharing the threads, unpinned, each batch split into
+    contiguous slices, one per stream, started at once.
 
-    One stream over all the threads (OpenVINO's LATENCY hint) makes each layer a parallel loop whose
-    threads meet at a barrier: when anything else takes a core for a moment (the service's own decode
-    threads, a broker on the same box), every thread waits for the one that was descheduled. On these
-    2 cores that cost about a quarter of the network's throughput beside a process busy 30% of one
-    core; streams of one thread each, which work on their own rows and meet once per batch, lost
-    about a sixth, and alone they are as fast (docs/performance.md, *OpenVINO streams*).
-
-    Threads are not pinned to cores: pinned, a static split is paced by whichever core something
-    else is using (streams alone then measured 0.88-0.90x of one stream); unpinned, the scheduler
-    moves a stream to the free core. OpenVINO may give fewer streams than asked; the batch is split
-    into as many as it gave. A static split is still paced by its slowest stream: on cores of
-    unequal speed (P- and E-cores), measure before relying on it."""
+    The one stream makes each layer a parallel loop whose threads meet at a barrier, so anything
+    that takes a core for a moment stalls every thread; streams meet once per batch and measured
+    1.14-1.30x beside a process spinning on one core, as fast alone (bench/openvino_streams.py). They
+    stay off by default because beside the catalogue thread, which loads a new catalogue at
+    SCHED_IDLE, they made batches slower and starved the load (bench/catalog_load.py;
+    docs/performance.md, *OpenVINO streams*). OpenVINO may give fewer streams than asked; the batch
+    is split into as many as it gave."""
 
     def __init__(
         self, network: nn.Module, fingerprint: Fingerprint, *, precision: CpuPrecision, threads: int,
-        cache_dir: Path | None = None,
+        cache_dir: Path | None = None, streams: int = 1,
     ) -> None:
         import openvino as ov
 
@@ -90,10 +87,13 @@ class OpenVinoNetwork:
         self.converted_now = False
         key = cache_key(fingerprint, network)
         # Precision is a compile-time choice: OpenVINO's default on a bf16 CPU is bf16, so fp32 is
-        # asked for explicitly. One stream per thread, not pinned (see the class's docstring).
-        self.streams = max(1, threads)
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                  "NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": self.streams, "ENABLE_CPU_PINNING": False}
+        # asked for explicitly. One stream (LATENCY) unless more are asked for (see the class's docstring).
+        config: dict = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                        "INFERENCE_NUM_THREADS": threads}
+        if streams > 1:
+            config |= {"NUM_STREAMS": streams, "ENABLE_CPU_PINNING": False}
+        else:
+            config["PERFORMANCE_HINT"] = "LATENCY"
         model = self._read(cache_dir, key) if cache_dir is not None else None
         compiled = None
         if model is not None:

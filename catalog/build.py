@@ -146,12 +146,14 @@ def build_catalog(
     progress: bool = True,
     cache: Path | None = None,
     input_size: int | None = None,
+    scales: tuple[int, ...] = (),
 ) -> Catalog:
     """Embed every reference image and assemble the catalogue (rows in input order).
 
-    ``input_size`` overrides the backbone's own resolution (see :func:`catalog.models.load_backbone`).
+    ``input_size`` overrides the backbone's own resolution; ``scales`` runs it at several and joins
+    the features (see :func:`catalog.models.load_backbone`).
     """
-    backbone = load_backbone(model, weights=weights, input_size=input_size)
+    backbone = load_backbone(model, weights=weights, input_size=input_size, scales=scales)
     vectors = embed_images(
         [r.path for r in refs],
         Embedder(backbone, device),

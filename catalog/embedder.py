@@ -25,6 +25,7 @@ CPU costs minutes of start-up for little gain).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -65,13 +66,18 @@ def _power_of_two_chunks(pixels: torch.Tensor) -> list[torch.Tensor]:
 
 
 class _Normalised(nn.Module):
+    """uint8 pixels -> unit vectors: scaling, mean/std, the backbone (at each of ``scales``, if any,
+    its unit features joined), L2, the head and L2 again, in one module that every runtime runs."""
+
     def __init__(
         self, backbone: nn.Module, head: nn.Module | None, mean: tuple, std: tuple, autocast: torch.dtype | None,
+        scales: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.autocast = autocast
+        self.scales = scales
         self.mean: torch.Tensor
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
@@ -80,16 +86,28 @@ class _Normalised(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std)
         x = ((pixels.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        if not self.scales:
+            features = self._unit_features(x)
+        else:
+            # The largest scale is the decoded size (load_backbone); the others are resized from
+            # it with the antialiasing Pillow's resize has. k unit vectors joined, divided by
+            # sqrt(k), make a unit vector again.
+            views = [F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                     for size in self.scales[:-1]] + [x]
+            features = torch.cat([self._unit_features(v.contiguous(memory_format=torch.channels_last))
+                                  for v in views], dim=1) / math.sqrt(len(views))
+        if self.head is not None:
+            features = F.normalize(self.head(features), dim=1)
+        return features
+
+    def _unit_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.autocast is None:
             features = self.backbone(x)
         else:
             # cache_enabled=False: cached weight casts must not outlive a CUDA graph capture.
             with torch.autocast(x.device.type, dtype=self.autocast, cache_enabled=False):
                 features = self.backbone(x)
-        features = F.normalize(features.float(), dim=1)
-        if self.head is not None:
-            features = F.normalize(self.head(features), dim=1)
-        return features
+        return F.normalize(features.float(), dim=1)
 
 
 class Embedder:
@@ -119,7 +137,8 @@ class Embedder:
         self.fingerprint: Fingerprint = backbone.fingerprint
         pre = self.fingerprint.preprocessing
         autocast = torch.bfloat16 if self.precision == "bf16" and not openvino else None
-        net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast).to(self.device).eval()
+        net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast, self.fingerprint.scales)
+        net = net.to(self.device).eval()
         # Channels-last is the layout both oneDNN (CPU) and tensor cores (GPU) convolve fastest in
         # (measured in docs/performance.md).
         self._net = net.to(memory_format=torch.channels_last)

@@ -20,7 +20,7 @@ import hashlib
 import importlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -54,12 +54,19 @@ class Fingerprint:
     preprocessing: Preprocessing
     dim: int  # of the vectors compared: the head's output when there is a head
     head: str | None = None  # identity (content hash) of a trained projection head, if any
+    # Square input sizes the backbone runs at, each from the photo decoded at preprocessing.size (the
+    # largest), their unit features joined (see catalog.embedder); empty: once, at preprocessing.size.
+    scales: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["preprocessing"]["size"] = list(self.preprocessing.size)
         d["preprocessing"]["mean"] = list(self.preprocessing.mean)
         d["preprocessing"]["std"] = list(self.preprocessing.std)
+        if self.scales:
+            d["scales"] = list(self.scales)
+        else:  # catalogues from before scales existed keep their dictionary, and every hash made of it
+            del d["scales"]
         return d
 
     @classmethod
@@ -69,12 +76,14 @@ class Fingerprint:
             size=tuple(p["size"]), resample=p["resample"], mean=tuple(p["mean"]), std=tuple(p["std"])
         )
         return cls(
-            backbone=d["backbone"], weights=d["weights"], preprocessing=pre, dim=int(d["dim"]), head=d.get("head")
+            backbone=d["backbone"], weights=d["weights"], preprocessing=pre, dim=int(d["dim"]), head=d.get("head"),
+            scales=tuple(int(s) for s in d.get("scales", ())),
         )
 
     def describe(self) -> str:
         head = f"+head:{self.head}" if self.head else ""
-        return f"{self.backbone}/{self.weights}/{self.dim}d{head}"
+        scales = "@" + "+".join(map(str, self.scales)) if self.scales else ""
+        return f"{self.backbone}{scales}/{self.weights}/{self.dim}d{head}"
 
 
 @dataclass(frozen=True)
@@ -308,20 +317,32 @@ def _fit_state(network: nn.Module, state: dict, backbone: str) -> dict:
 
 def load_backbone(
     name: str, *, weights: str = "imagenet", input_size: int | tuple[int, int] | None = None,
+    scales: Sequence[int] = (),
 ) -> LoadedBackbone:
     """Build backbone ``name`` with weights from ``weights`` (``imagenet``, ``none`` or a path).
 
     ``input_size`` (pixels, square or (width, height)) overrides the resolution the weights were
     trained at; it is part of the fingerprint. Every backbone here ends in global average pooling,
     so any size at least 32 pixels gives a vector of the same dimension.
+
+    ``scales`` (two or more square sizes, instead of ``input_size``) runs the backbone at each and
+    joins the features: photos are decoded at the largest, the vectors have ``len(scales)`` times
+    the backbone's dimension, and each photo costs the sum of the sizes' compute.
     """
     if name not in _SPECS:
         raise CatalogError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     spec = _SPECS[name]()
+    joined = tuple(sorted(set(scales)))
+    if joined and input_size is not None:
+        raise CatalogError("give either an input size or several scales, not both")
+    if len(joined) == 1:  # one scale is an input size
+        input_size, joined = joined[0], ()
+    elif joined:
+        input_size = joined[-1]
     if input_size is not None:
         size = (input_size, input_size) if isinstance(input_size, int) else (input_size[0], input_size[1])
-        if min(size) < 32:
-            raise CatalogError(f"input size {size} is below 32 pixels, the networks' total stride")
+        if min(size) < 32 or (joined and joined[0] < 32):
+            raise CatalogError(f"input size {min(size + joined)} is below 32 pixels, the networks' total stride")
         spec = replace(spec, preprocessing=replace(spec.preprocessing, size=size))
     if weights == "none":
         log.warning("%s with random weights: vectors carry no meaning (speed tests only)", name)
@@ -338,11 +359,18 @@ def load_backbone(
             state, identity = _load_file(path), _file_identity(path, spec)
         network.load_state_dict(_fit_state(network, state, name))
     network.eval()
-    fingerprint = Fingerprint(backbone=name, weights=identity, preprocessing=spec.preprocessing, dim=spec.dim)
-    return LoadedBackbone(network=network, fingerprint=fingerprint, weights_source=weights, cpu_bf16=spec.cpu_bf16)
+    fingerprint = Fingerprint(backbone=name, weights=identity, preprocessing=spec.preprocessing,
+                              dim=spec.dim * max(1, len(joined)), scales=joined)
+    # Joined scales of Lite0 (224 + 320) in OpenVINO's bf16 moved one demo photo of 50 across the
+    # demo's threshold (tests/unit/test_runtime.py): they run at fp32 unless bf16 is asked for.
+    return LoadedBackbone(network=network, fingerprint=fingerprint, weights_source=weights,
+                          cpu_bf16=spec.cpu_bf16 and not joined)
 
 
 def backbone_of(fingerprint: Fingerprint, weights: str, head: ProjectionHead | None = None) -> LoadedBackbone:
-    """Rebuild the model a catalogue was made with: its backbone at its input size, its head if any."""
-    backbone = load_backbone(fingerprint.backbone, weights=weights, input_size=fingerprint.preprocessing.size)
+    """Rebuild the model a catalogue was made with: its backbone at its input size(s), its head if any."""
+    if fingerprint.scales:
+        backbone = load_backbone(fingerprint.backbone, weights=weights, scales=fingerprint.scales)
+    else:
+        backbone = load_backbone(fingerprint.backbone, weights=weights, input_size=fingerprint.preprocessing.size)
     return backbone.with_head(head) if head is not None else backbone

@@ -36,13 +36,23 @@ AUGMENT_VIEWS = 0
 DEVICE_HELP = "where the network runs: auto (a GPU when present) | cpu | cuda"
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        message = f"{text!r} is not a size in pixels or a comma-separated list of them"
+        raise argparse.ArgumentTypeError(message) from None
+    return sizes
+
+
 def _catalog_build(args: argparse.Namespace) -> int:
     from catalog.build import build_catalog
 
     refs = _labelled(args.images, args.manifest, "images", manifest_flag="manifest")
     catalog = build_catalog(
         refs, model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size, cache=CACHE,
-        input_size=args.input_size,
+        input_size=args.input_size[0] if len(args.input_size or ()) == 1 else None,
+        scales=tuple(args.input_size) if len(args.input_size or ()) > 1 else (),
     )
     catalog.save(args.out)
     print(f"wrote {args.out}")
@@ -443,10 +453,11 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a checkpoint")
     build.add_argument(
         "--input-size",
-        type=int,
-        metavar="PIXELS",
+        type=_sizes,
+        metavar="PIXELS[,PIXELS...]",
         help="square input size instead of the backbone's own (224 for ResNets); costs about "
-        "(PIXELS/224)^2 more compute per photo, in the catalogue and in the consumer",
+        "(PIXELS/224)^2 more compute per photo, in the catalogue and in the consumer. Several sizes "
+        "(e.g. 224,320,384) run the network at each and join the features: the cost is their sum",
     )
     build.add_argument("--out", required=True, help="catalogue file to write (.safetensors)")
     build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)

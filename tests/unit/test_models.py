@@ -69,6 +69,40 @@ def test_input_size_override_is_part_of_the_fingerprint_and_bounded():
         load_backbone("resnet18", weights="none", input_size=16)
 
 
+def test_scales_join_one_unit_vector_per_size_in_the_fingerprint():
+    joined = load_backbone("efficientnet_lite0", weights="none", scales=(320, 224))
+    fp = joined.fingerprint
+    assert fp.scales == (224, 320) and fp.preprocessing.size == (320, 320) and fp.dim == 2 * 1280
+    assert type(fp).from_dict(fp.to_dict()) == fp and "@224+320" in fp.describe()
+    single = load_backbone("efficientnet_lite0", weights="none")
+    assert "scales" not in single.fingerprint.to_dict()  # older catalogues' dictionaries (and hashes) stay as they were
+    assert load_backbone("efficientnet_lite0", weights="none", scales=(288,)).fingerprint == \
+        load_backbone("efficientnet_lite0", weights="none", input_size=288).fingerprint  # one scale is an input size
+    with pytest.raises(CatalogError, match="not both"):
+        load_backbone("efficientnet_lite0", weights="none", input_size=224, scales=(224, 320))
+    with pytest.raises(CatalogError, match="below 32 pixels"):
+        load_backbone("efficientnet_lite0", weights="none", scales=(16, 224))
+
+
+def test_a_joined_vector_is_each_scale_s_unit_features_in_order():
+    """The largest scale sees the decoded photo as it is; a smaller one sees it resized inside the
+    network, close to what decoding at that size gives (ImageNet weights: random ones would hide
+    a wrong resize)."""
+    joined = Embedder(load_backbone("efficientnet_lite0", scales=(160, 256)), "cpu")
+    alone = {size: Embedder(load_backbone("efficientnet_lite0", input_size=size), "cpu") for size in (160, 256)}
+    photos = [path.read_bytes() for path, _ in P.store_photos()[::6][:8]]  # several products
+    big = torch.stack([to_tensor(decode(b, (256, 256)).image) for b in photos])
+    small = torch.stack([to_tensor(decode(b, (160, 160)).image) for b in photos])
+    vectors = joined.embed(big)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(len(photos)))
+    half = vectors * 2 ** 0.5
+    torch.testing.assert_close(half[:, 1280:], alone[256].embed(big), atol=1e-4, rtol=0)
+    resized = (half[:, :1280] * alone[160].embed(small)).sum(dim=1)
+    assert resized.min() > 0.97, f"a scale resized in the network is far from the photo decoded at it: {resized}"
+    other = (half[:, :1280] * alone[160].embed(small).roll(1, dims=0)).sum(dim=1)
+    assert other.max() < resized.min()  # and nearer its own photo than another one
+
+
 def test_cpu_batches_reach_the_network_in_a_few_shapes_and_in_order():
     """Partial batches of every size would fragment the CPU heap (see _power_of_two_chunks)."""
     embedder = Embedder(load_backbone("mobilenet_v3_small", weights="none"), "cpu")

@@ -62,8 +62,12 @@ def test_train_head_learns_from_augmented_views_but_keeps_one_catalogue_row_per_
     assert len(list((tmp_path / ".cache" / "features").glob("*.npy"))) == 3
 
 
-def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and_the_consumer(tmp_path, monkeypatch):
-    """The size is part of the fingerprint: the head is trained on, and the consumer embeds at, that size."""
+@pytest.mark.parametrize("sizes,scales", [("288", ()), ("160,288", (160, 288))])
+def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and_the_consumer(
+    tmp_path, monkeypatch, sizes, scales,
+):
+    """The size is part of the fingerprint: the head is trained on, and the consumer embeds at, that
+    size; with several sizes the consumer decodes at the largest and joins the features of each."""
     monkeypatch.chdir(tmp_path)
     built, headed = tmp_path / "288.safetensors", tmp_path / "288-head.safetensors"
     assert (
@@ -76,7 +80,7 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
                 "--model",
                 "efficientnet_lite0",
                 "--input-size",
-                "288",
+                sizes,
                 "--device",
                 "cpu",
                 "--out",
@@ -106,10 +110,18 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
     )
     for path in (built, headed):
         catalog = Catalog.load(path)
-        assert catalog.fingerprint.preprocessing.size == (288, 288)
+        assert catalog.fingerprint.preprocessing.size == (288, 288) and catalog.fingerprint.scales == scales
         model = load_model(Settings(catalog=path, threshold=0.7), catalog, torch.device("cpu"))  # refuses a mismatch
-        assert model.embedder.input_size == (288, 288)
-    assert Catalog.load(built).fingerprint.dim == 1280  # global pooling: the same dimension at any size
+        assert model.embedder.input_size == (288, 288) and model.embedder.fingerprint == catalog.fingerprint
+    # global pooling: the same dimension at any size, once per size
+    assert Catalog.load(built).fingerprint.dim == 1280 * max(1, len(scales))
+
+
+def test_an_input_size_that_is_not_a_number_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["catalog", "build", "--images", str(REFERENCES), "--model", "efficientnet_lite0",
+              "--input-size", "224,big", "--out", "x.safetensors"])
+    assert "not a size in pixels" in capsys.readouterr().err
 
 
 def test_compliance_is_calibrated_into_the_catalogue_then_evaluated_and_rendered(tmp_path, grocery_catalog):

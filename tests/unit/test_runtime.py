@@ -33,9 +33,9 @@ def network_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("networks")
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_openvino_vectors_top1_and_verdicts_match_torch_on_the_demo_photos(name, network_cache):
-    backbone = load_backbone(name)
+@pytest.mark.parametrize("name,scales", [*((name, ()) for name in SHIPPED), ("efficientnet_lite0", (224, 320))])
+def test_openvino_vectors_top1_and_verdicts_match_torch_on_the_demo_photos(name, scales, network_cache):
+    backbone = load_backbone(name, scales=scales)
     torch_embedder = Embedder(backbone, "cpu", execution="eager")
     refs = references_from_folder(REFERENCES)
     catalog = catalog_from_vectors(refs, embed_images([r.path for r in refs], torch_embedder, progress=False),

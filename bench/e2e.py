@@ -80,11 +80,23 @@ def shelf_frames(n: int = 12) -> list[bytes]:
     return frames
 
 
+def parse_model(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``efficientnet_lite0`` or, for a catalogue at joined input sizes, ``efficientnet_lite0@224+320``."""
+    name, _, sizes = spec.partition("@")
+    return name, tuple(int(size) for size in sizes.split("+")) if sizes else ()
+
+
+def slug(spec: str) -> str:
+    """A model spec as it may appear in a topic's or a file's name."""
+    return spec.replace("@", "-").replace("+", "_")
+
+
 def model_alone(model: str, photos: list[bytes], execution: str, precision: str, batches: int = 10) -> float:
     """Embedding throughput on pre-decoded batches: as many batches as the service's default backlog
     (320 photos), after three warm-up batches."""
-    embedder = Embedder(load_backbone(model, weights="none"), "cpu", execution=execution, precision=precision,
-                        cache_dir=NETWORKS)
+    name, scales = parse_model(model)
+    embedder = Embedder(load_backbone(name, weights="none", scales=scales), "cpu", execution=execution,
+                        precision=precision, cache_dir=NETWORKS)
     pixels = torch.stack([to_tensor(decode(photos[i % len(photos)], embedder.input_size).image) for i in range(BATCH)])
     for _ in range(3):
         embedder.embed(pixels)
@@ -260,11 +272,12 @@ async def watch(service: Service, task: asyncio.Task) -> list:
 def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str, args) -> dict:
     execution, _, precision = spec.partition(":")
     precision = precision or "auto"
-    run = f"{model}-{size}-{execution}-{precision}-{os.urandom(3).hex()}"
-    catalog = OUT / f"catalog-{model}.safetensors"
+    run = f"{slug(model)}-{size}-{execution}-{precision}-{os.urandom(3).hex()}"
+    catalog = OUT / f"catalog-{slug(model)}.safetensors"
     if not catalog.exists():
-        build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=model,
-                      weights="none", device="cpu", progress=False).save(catalog)
+        name, scales = parse_model(model)
+        build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=name,
+                      weights="none", device="cpu", progress=False, scales=scales).save(catalog)
     result = {"model": model, "size": size, "batch_size": BATCH, "photo_bytes": int(np.mean([len(p) for p in photos])),
               "execution": execution, "precision": precision}
     result["model_alone_img_s"] = model_alone(model, photos, execution, precision)
@@ -317,8 +330,8 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
 
 
 def naive(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> float:
-    run = f"{model}-{size}-{os.urandom(3).hex()}"
-    catalog = OUT / f"catalog-{model}.safetensors"
+    run = f"{slug(model)}-{size}-{os.urandom(3).hex()}"
+    catalog = OUT / f"catalog-{slug(model)}.safetensors"
     # Naive reference consumer on its own backlog.
     ntopic, nout = f"bench.naive.{run}", f"bench.naive.out.{run}"
     asyncio.run(create(bootstrap, ntopic, nout))
@@ -334,7 +347,9 @@ def naive(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> f
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="efficientnet_lite0,resnet18")
+    p.add_argument("--models", default="efficientnet_lite0,resnet18",
+                   help="backbones, each NAME or NAME@SIZE+SIZE for a catalogue at joined input sizes")
+    p.add_argument("--out", default=str(OUT / "e2e.json"), help="results file (bench/report.py reads e2e.json)")
     p.add_argument("--sizes", default="store,fullhd")
     p.add_argument("--photos", type=int, default=320, help="backlog drained for the maximum")
     p.add_argument("--naive-photos", type=int, default=64)
@@ -382,8 +397,8 @@ def main() -> int:
                "date": time.strftime("%Y-%m-%d"),
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=ROOT).stdout.strip()}
-    (OUT / "e2e.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
-    print(f"wrote {OUT / 'e2e.json'}")
+    Path(args.out).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -22,11 +22,16 @@ stays fp32).
 
 ``auto`` picks bf16 + CUDA graphs on a GPU and OpenVINO on a CPU (compiling with torch on a small
 CPU costs minutes of start-up for little gain).
+
+A catalogue built at several input sizes (``catalog build --input-size 224,320``) runs the network
+once per size and joins the vectors (:class:`_JoinedScales`); on a GPU it runs eagerly (bf16), not
+yet as a CUDA graph.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -66,18 +71,13 @@ def _power_of_two_chunks(pixels: torch.Tensor) -> list[torch.Tensor]:
 
 
 class _Normalised(nn.Module):
-    """uint8 pixels -> unit vectors: scaling, mean/std, the backbone (at each of ``scales``, if any,
-    its unit features joined), L2, the head and L2 again, in one module that every runtime runs."""
-
     def __init__(
         self, backbone: nn.Module, head: nn.Module | None, mean: tuple, std: tuple, autocast: torch.dtype | None,
-        scales: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.autocast = autocast
-        self.scales = scales
         self.mean: torch.Tensor
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
@@ -86,28 +86,35 @@ class _Normalised(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std)
         x = ((pixels.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        if not self.scales:
-            features = self._unit_features(x)
-        else:
-            # The largest scale is the decoded size (load_backbone); the others are resized from
-            # it with the antialiasing Pillow's resize has. k unit vectors joined, divided by
-            # sqrt(k), make a unit vector again.
-            views = [F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-                     for size in self.scales[:-1]] + [x]
-            features = torch.cat([self._unit_features(v.contiguous(memory_format=torch.channels_last))
-                                  for v in views], dim=1) / math.sqrt(len(views))
-        if self.head is not None:
-            features = F.normalize(self.head(features), dim=1)
-        return features
-
-    def _unit_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.autocast is None:
             features = self.backbone(x)
         else:
             # cache_enabled=False: cached weight casts must not outlive a CUDA graph capture.
             with torch.autocast(x.device.type, dtype=self.autocast, cache_enabled=False):
                 features = self.backbone(x)
-        return F.normalize(features.float(), dim=1)
+        features = F.normalize(features.float(), dim=1)
+        if self.head is not None:
+            features = F.normalize(self.head(features), dim=1)
+        return features
+
+
+class _JoinedScales:
+    """A catalogue's network at several input sizes (``Fingerprint.scales``): the batch arrives at
+    the largest; each smaller size is resized from it as uint8 (antialiased bilinear, as Pillow
+    resizes; torch's uint8 channels-last path, 0.2 ms a photo, where OpenVINO's own antialiased
+    resize took 5 ms); each size runs its own network (scaling, mean/std, backbone, L2); the k unit
+    vectors are joined and divided by sqrt(k), a unit vector again, then the head, if any."""
+
+    def __init__(self, sizes: tuple[int, ...], networks: list[Network], head: nn.Module | None) -> None:
+        self.sizes, self.networks, self.head = sizes, networks, head
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        views = [F.interpolate(pixels.contiguous(memory_format=torch.channels_last), size=(size, size),
+                               mode="bilinear", antialias=True, align_corners=False)
+                 for size in self.sizes[:-1]] + [pixels]  # the largest is the decoded size
+        features = torch.cat([net(view) for net, view in zip(self.networks, views, strict=True)], dim=1)
+        features = features / math.sqrt(len(views))
+        return features if self.head is None else F.normalize(self.head(features), dim=1)
 
 
 class Embedder:
@@ -126,6 +133,10 @@ class Embedder:
             raise ValueError("execution 'cuda-graph' needs a CUDA device")
         if self.execution == "openvino" and cuda:
             raise ValueError("execution 'openvino' runs on the CPU; use device 'cpu' (or cuda-graph on the GPU)")
+        if backbone.fingerprint.scales and self.execution in ("cuda-graph", "compile"):
+            if execution != "auto":
+                raise ValueError(f"execution {execution!r} does not run joined scales yet; use eager")
+            self.execution = "eager"  # bf16 autocast still applies on a GPU
         openvino = self.execution == "openvino"
         if precision == "auto":
             # On a CPU, bf16 only where it is native and keeps the backbone's verdicts (cpu_bf16).
@@ -137,15 +148,28 @@ class Embedder:
         self.fingerprint: Fingerprint = backbone.fingerprint
         pre = self.fingerprint.preprocessing
         autocast = torch.bfloat16 if self.precision == "bf16" and not openvino else None
-        net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast, self.fingerprint.scales)
-        net = net.to(self.device).eval()
+        net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast).to(self.device).eval()
         # Channels-last is the layout both oneDNN (CPU) and tensor cores (GPU) convolve fastest in
         # (measured in docs/performance.md).
         self._net = net.to(memory_format=torch.channels_last)
         self._run: Network = self._net
-        if openvino:
+        if openvino and not self.fingerprint.scales:
             self._run = OpenVinoNetwork(net, self.fingerprint, precision=resolved,
                                         threads=torch.get_num_threads(), cache_dir=cache_dir)
+        elif self.fingerprint.scales:
+            # One network per size, without the head: each is the network of a one-size catalogue
+            # at that size (so OpenVINO's converted files are shared with those).
+            plain = _Normalised(backbone.network, None, pre.mean, pre.std, autocast).to(self.device).eval()
+            plain = plain.to(memory_format=torch.channels_last)
+            head = None if backbone.head is None else backbone.head.to(self.device).eval()
+            each = (self.fingerprint.dim if head is None else head.in_dim) // len(self.fingerprint.scales)
+            networks: list[Network] = []
+            for size in self.fingerprint.scales:
+                alone = replace(self.fingerprint, preprocessing=replace(pre, size=(size, size)), dim=each, head=None,
+                                scales=())
+                networks.append(OpenVinoNetwork(plain, alone, precision=resolved, threads=torch.get_num_threads(),
+                                                cache_dir=cache_dir) if openvino else plain)
+            self._run = _JoinedScales(self.fingerprint.scales, networks, head)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None

@@ -59,7 +59,7 @@ def rate(embedder: Embedder, batch: int = 32, repeats: int = 3) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "datasets" / "grocery-store"))
-    parser.add_argument("--recipes", nargs="+", default=["224", "384", "224,320", "320,384", "224,320,384"])
+    parser.add_argument("--recipes", nargs="+", default=["224", "384", "224,320", "224,384", "224,320,384"])
     args = parser.parse_args()
     sets = grocery_sets(Path(args.dataset))
     refs, val = sets["packshots+train"], sets["val"]

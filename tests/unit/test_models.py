@@ -85,9 +85,9 @@ def test_scales_join_one_unit_vector_per_size_in_the_fingerprint():
 
 
 def test_a_joined_vector_is_each_scale_s_unit_features_in_order():
-    """The largest scale sees the decoded photo as it is; a smaller one sees it resized inside the
-    network, close to what decoding at that size gives (ImageNet weights: random ones would hide
-    a wrong resize)."""
+    """The largest scale sees the decoded photo as it is; a smaller one sees it resized from that,
+    close to what decoding at that size gives (ImageNet weights: random ones would hide a wrong
+    resize)."""
     joined = Embedder(load_backbone("efficientnet_lite0", scales=(160, 256)), "cpu")
     alone = {size: Embedder(load_backbone("efficientnet_lite0", input_size=size), "cpu") for size in (160, 256)}
     photos = [path.read_bytes() for path, _ in P.store_photos()[::6][:8]]  # several products

@@ -1,10 +1,12 @@
 """`shelfmatch eval` and `shelfmatch catalog calibrate` on the demo photos, with the real model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from catalog.preprocess import decode, to_tensor
 from catalog.store import Catalog
 from consumer.app import load_model
 from consumer.cli import main
@@ -113,6 +115,12 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
         assert catalog.fingerprint.preprocessing.size == (288, 288) and catalog.fingerprint.scales == scales
         model = load_model(Settings(catalog=path, threshold=0.7), catalog, torch.device("cpu"))  # refuses a mismatch
         assert model.embedder.input_size == (288, 288) and model.embedder.fingerprint == catalog.fingerprint
+        # The consumer's runtime finds a reference photo as itself: the catalogue's vectors and the
+        # live ones are made the same way at every size.
+        first = Path(catalog.references[0])
+        pixels = to_tensor(decode(first.read_bytes(), model.embedder.input_size).image).unsqueeze(0)
+        [found] = model.matcher.match(model.embedder.embed(pixels))
+        assert found.best[0] == catalog.skus[catalog.row_sku[0]] and found.best[1] > 0.999
     # global pooling: the same dimension at any size, once per size
     assert Catalog.load(built).fingerprint.dim == 1280 * max(1, len(scales))
 

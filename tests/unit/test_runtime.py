@@ -33,7 +33,7 @@ def network_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("networks")
 
 
-@pytest.mark.parametrize("name,scales", [*((name, ()) for name in SHIPPED), ("efficientnet_lite0", (224, 320))])
+@pytest.mark.parametrize("name,scales", [*((name, ()) for name in SHIPPED), ("efficientnet_lite0", (224, 384))])
 def test_openvino_vectors_top1_and_verdicts_match_torch_on_the_demo_photos(name, scales, network_cache):
     backbone = load_backbone(name, scales=scales)
     torch_embedder = Embedder(backbone, "cpu", execution="eager")

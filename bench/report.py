@@ -313,14 +313,16 @@ def sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return head, by_title
 
 
-def merged(generated: list[str]) -> list[str]:
-    """The report with the freshly generated sections in place of their old versions; a section
-    this run did not generate (its bench's output is absent here, or it is written from another
-    bench named in its title) stays as it was, where it was."""
+def merged(generated: list[str], doc: Path | None = None) -> list[str]:
+    """The report with the freshly generated sections in place of their old versions in ``doc``; a
+    section this run did not generate (its bench's output is absent here, or it is written from
+    another command named in its title) stays as it was, where it was (scripts/quality_report.py
+    writes docs/quality.md the same way)."""
+    doc = doc or DOC  # read at call time (tests point DOC elsewhere)
     head, fresh = sections(generated)
-    if not DOC.exists():
+    if not doc.exists():
         return generated
-    _, old = sections(DOC.read_text().splitlines())
+    _, old = sections(doc.read_text().splitlines())
     lines = list(head)
     for title, body in [*old.items(), *((t, b) for t, b in fresh.items() if t not in old)]:
         body = fresh.get(title, body)

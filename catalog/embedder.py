@@ -148,28 +148,30 @@ class Embedder:
         self.fingerprint: Fingerprint = backbone.fingerprint
         pre = self.fingerprint.preprocessing
         autocast = torch.bfloat16 if self.precision == "bf16" and not openvino else None
-        net = _Normalised(backbone.network, backbone.head, pre.mean, pre.std, autocast).to(self.device).eval()
+        scales = self.fingerprint.scales
+        # With joined sizes the head follows the join (_JoinedScales), not one size's network.
+        net = _Normalised(backbone.network, None if scales else backbone.head, pre.mean, pre.std, autocast)
         # Channels-last is the layout both oneDNN (CPU) and tensor cores (GPU) convolve fastest in
         # (measured in docs/performance.md).
-        self._net = net.to(memory_format=torch.channels_last)
+        self._net = net.to(self.device).eval().to(memory_format=torch.channels_last)
         self._run: Network = self._net
-        if openvino and not self.fingerprint.scales:
+        if openvino and not scales:
             self._run = OpenVinoNetwork(net, self.fingerprint, precision=resolved,
                                         threads=torch.get_num_threads(), cache_dir=cache_dir)
-        elif self.fingerprint.scales:
+        elif scales:
+            head = None if backbone.head is None else backbone.head.to(self.device).eval()
+            each = (self.fingerprint.dim if head is None else head.in_dim) // len(scales)
+            if head is not None and head.in_dim != each * len(scales):
+                raise ValueError(f"a head on {head.in_dim} values does not fit {len(scales)} joined sizes")
             # One network per size, without the head: each is the network of a one-size catalogue
             # at that size (so OpenVINO's converted files are shared with those).
-            plain = _Normalised(backbone.network, None, pre.mean, pre.std, autocast).to(self.device).eval()
-            plain = plain.to(memory_format=torch.channels_last)
-            head = None if backbone.head is None else backbone.head.to(self.device).eval()
-            each = (self.fingerprint.dim if head is None else head.in_dim) // len(self.fingerprint.scales)
             networks: list[Network] = []
-            for size in self.fingerprint.scales:
+            for size in scales:
                 alone = replace(self.fingerprint, preprocessing=replace(pre, size=(size, size)), dim=each, head=None,
                                 scales=())
-                networks.append(OpenVinoNetwork(plain, alone, precision=resolved, threads=torch.get_num_threads(),
-                                                cache_dir=cache_dir) if openvino else plain)
-            self._run = _JoinedScales(self.fingerprint.scales, networks, head)
+                networks.append(OpenVinoNetwork(net, alone, precision=resolved, threads=torch.get_num_threads(),
+                                                cache_dir=cache_dir) if openvino else self._net)
+            self._run = _JoinedScales(scales, networks, head)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None
@@ -185,6 +187,12 @@ class Embedder:
         """The network alone on one chunk, exactly at its shape: no chunking, no padding (for
         benchmarks and experiments that measure a shape; :meth:`embed` is the service's path)."""
         return self._run(pixels)
+
+    @property
+    def _chunked(self) -> bool:
+        """Batches split into power-of-two chunks: on a CPU (heap fragmentation), and for joined sizes
+        on a GPU, which run eagerly, where each new shape would cost cuDNN's autotuning once more."""
+        return self.device.type == "cpu" or bool(self.fingerprint.scales)
 
     @property
     def fixed_batch(self) -> bool:
@@ -210,7 +218,7 @@ class Embedder:
                     self._run(example)
             elif self.execution == "cuda-graph":
                 self._capture(example)
-            elif self.device.type == "cpu":  # every chunk size embed() will use for this batch size
+            elif self._chunked:  # every chunk size embed() will use for this batch size
                 for k in reversed(range(self.batch_size.bit_length())):
                     self._run(example[:1 << k])
             else:
@@ -246,7 +254,7 @@ class Embedder:
             if not self._warm:  # capturing now could collide with the decoder's work on the device
                 raise RuntimeError(f"{self.execution} needs warm_up() before the first batch")
             run, parts = self._fixed, pixels.split(self.batch_size)
-        elif self.device.type == "cpu":
+        elif self._chunked:
             run, parts = self._run, _power_of_two_chunks(pixels)
         else:
             return self._run(pixels)

@@ -41,6 +41,7 @@ def train_head(
                 loss.backward()
                 optimiser.step()
                 schedule.step()
+    head.proxies = F.normalize(proxies.detach(), dim=1)
     return head.eval()
 
 

@@ -110,6 +110,10 @@ class ProjectionHead(nn.Module):
     """A linear map applied to L2-normalised backbone features, trained so that photos of the
     same product come closer (see :mod:`catalog.head`). Stored in the catalogue file."""
 
+    # The products' unit proxies the head was trained against (catalog.head), in product order;
+    # kept for experiments, not stored in the catalogue (None for a head read from one).
+    proxies: torch.Tensor | None = None
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)

@@ -11,6 +11,8 @@ module is converted once (``openvino.convert_model`` traces it directly, no ONNX
 result is kept on disk, keyed by the catalogue's fingerprint and the OpenVINO version, so later
 starts read it instead of converting again. The fingerprint check is not loosened by this: the
 torch network is built and checked against the catalogue before anything is converted or read.
+A catalogue at joined input sizes converts one network per size, without its head, which then
+runs in torch after the join (catalog.embedder._JoinedScales).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Format: one safetensors file (no pickle, memory-mappable) holding
 ``embeddings`` (float32, rows x dim, unit length) and ``row_sku`` (int32 index into the SKU list),
 with a JSON document under the metadata key ``shelfmatch``::
 
-    {"format": "shelfmatch-catalog/1", "version": "<12 hex>", "created_at": "<RFC 3339>",
+    {"format": "shelfmatch-catalog/1", "version": "<12 hex>", "created_at": "<RFC 3339>",  # /2: joined sizes
      "fingerprint": {...}, "weights_source": "imagenet", "skus": [...], "references": [...],
      "references_base": "catalog", "calibration": {"threshold": 0.9, "min_margin": 0.02} | null,
      "compliance": {"min_lead": -0.05, "min_score": 0.5, "empty_margin": 0.0, "unknown_below": 0.3} | null}
@@ -37,6 +37,9 @@ from catalog.errors import CatalogFileError
 from catalog.models import Fingerprint, ProjectionHead
 
 FORMAT = "shelfmatch-catalog/1"
+# A catalogue at joined input sizes (Fingerprint.scales): readers of /1 would drop the sizes and,
+# with a head, take it for a one-size catalogue, so it carries a format they refuse.
+JOINED_FORMAT = "shelfmatch-catalog/2"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Catalog:
         """Write atomically: readers never see a half-written catalogue."""
         path = Path(path)
         meta = {
-            "format": FORMAT,
+            "format": JOINED_FORMAT if self.fingerprint.scales else FORMAT,
             "version": self.version,
             "created_at": self.created_at,
             "fingerprint": self.fingerprint.to_dict(),
@@ -144,8 +147,9 @@ class Catalog:
         # catalogue", never another kind of error (a running service keeps its catalogue then).
         try:
             meta = json.loads(raw)
-            if meta.get("format") != FORMAT:
-                raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+            if meta.get("format") not in (FORMAT, JOINED_FORMAT):
+                raise CatalogFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r} "
+                                       f"or {JOINED_FORMAT!r}")
             calibration = meta.get("calibration")
             compliance = meta.get("compliance")
             head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -186,7 +190,8 @@ class Catalog:
             f"{counts.max() if len(counts) else 0} references each)",
             f"input        {self.fingerprint.preprocessing.size[0]}x{self.fingerprint.preprocessing.size[1]} "
             f"{self.fingerprint.preprocessing.resample}, mean {self.fingerprint.preprocessing.mean}, "
-            f"std {self.fingerprint.preprocessing.std}",
+            f"std {self.fingerprint.preprocessing.std}"
+            + (f", joined sizes {'+'.join(map(str, self.fingerprint.scales))}" if self.fingerprint.scales else ""),
             "calibration  "
             + ("none" if cal is None else f"threshold {cal.threshold:.3f}, min margin {cal.min_margin:.3f}"),
         ]

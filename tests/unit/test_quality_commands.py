@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from catalog.preprocess import decode, to_tensor
 from catalog.store import Catalog
@@ -113,6 +114,8 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
     for path in (built, headed):
         catalog = Catalog.load(path)
         assert catalog.fingerprint.preprocessing.size == (288, 288) and catalog.fingerprint.scales == scales
+        with safe_open(str(path), "np") as f:  # readers that know nothing of joined sizes refuse the file
+            assert json.loads(f.metadata()["shelfmatch"])["format"] == f"shelfmatch-catalog/{2 if scales else 1}"
         model = load_model(Settings(catalog=path, threshold=0.7), catalog, torch.device("cpu"))  # refuses a mismatch
         assert model.embedder.input_size == (288, 288) and model.embedder.fingerprint == catalog.fingerprint
         # The consumer's runtime finds a reference photo as itself: the catalogue's vectors and the

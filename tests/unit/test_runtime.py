@@ -151,3 +151,23 @@ def test_a_batch_split_across_streams_gives_each_row_the_vector_it_gets_alone(tm
     first = network(pixels[:2])
     network(pixels[2:4])  # the requests' buffers are overwritten: what was returned must not change
     assert torch.allclose(first, alone[:2], atol=1e-5)
+
+
+def test_joined_sizes_reuse_the_networks_converted_for_one_size_catalogues(tmp_path):
+    """Each size of a joined catalogue runs the network a one-size catalogue at that size runs, so
+    its converted file is shared rather than converted again."""
+    from catalog.embedder import _JoinedScales
+
+    one = Embedder(load_backbone("efficientnet_lite0", weights="none", input_size=96), "cpu", execution="openvino",
+                   precision="fp32", cache_dir=tmp_path)
+    assert isinstance(one._run, OpenVinoNetwork) and one._run.converted_now
+    joined = Embedder(load_backbone("efficientnet_lite0", weights="none", scales=(96, 128)), "cpu",
+                      execution="openvino", precision="fp32", cache_dir=tmp_path)
+    assert isinstance(joined._run, _JoinedScales)
+    small, large = joined._run.networks
+    assert isinstance(small, OpenVinoNetwork) and isinstance(large, OpenVinoNetwork)
+    assert not small.converted_now and large.converted_now
+    pixels = torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8)
+    vectors = joined.embed(pixels)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(vectors[:, 1280:] * 2 ** 0.5, large(pixels))  # the largest size as decoded

@@ -23,9 +23,9 @@ stays fp32).
 ``auto`` picks bf16 + CUDA graphs on a GPU and OpenVINO on a CPU (compiling with torch on a small
 CPU costs minutes of start-up for little gain).
 
-A catalogue built at several input sizes (``catalog build --input-size 224,320``) runs the network
-once per size and joins the vectors (:class:`_JoinedScales`); on a GPU it runs eagerly (bf16), not
-yet as a CUDA graph.
+A catalogue built at several input sizes (``catalog build --input-size 224,384``) runs the network
+once per size and joins the vectors (:class:`_JoinedScales`); on a GPU it runs eagerly, at fp32
+unless bf16 is asked for (neither is measured on a GPU yet), not as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -98,6 +98,17 @@ class _Normalised(nn.Module):
         return features
 
 
+def resized(pixels: torch.Tensor, size: int, *, in_float: bool | None = None) -> torch.Tensor:
+    """A uint8 batch (N, 3, H, W) at ``size`` x ``size``, antialiased bilinear (as Pillow resizes).
+    Antialiased resizing of uint8 is a CPU path in torch; elsewhere (or with ``in_float``) it runs
+    in float and is rounded back, within one grey level of the uint8 result."""
+    if not (pixels.device.type != "cpu" if in_float is None else in_float):
+        return F.interpolate(pixels.contiguous(memory_format=torch.channels_last), size=(size, size),
+                             mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class _JoinedScales:
     """A catalogue's network at several input sizes (``Fingerprint.scales``): the batch arrives at
     the largest; each smaller size is resized from it as uint8 (antialiased bilinear, as Pillow
@@ -109,9 +120,7 @@ class _JoinedScales:
         self.sizes, self.networks, self.head = sizes, networks, head
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        views = [F.interpolate(pixels.contiguous(memory_format=torch.channels_last), size=(size, size),
-                               mode="bilinear", antialias=True, align_corners=False)
-                 for size in self.sizes[:-1]] + [pixels]  # the largest is the decoded size
+        views = [resized(pixels, size) for size in self.sizes[:-1]] + [pixels]  # the largest as decoded
         features = torch.cat([net(view) for net, view in zip(self.networks, views, strict=True)], dim=1)
         features = features / math.sqrt(len(views))
         return features if self.head is None else F.normalize(self.head(features), dim=1)
@@ -140,7 +149,10 @@ class Embedder:
         openvino = self.execution == "openvino"
         if precision == "auto":
             # On a CPU, bf16 only where it is native and keeps the backbone's verdicts (cpu_bf16).
-            resolved: CpuPrecision = "bf16" if cuda or (openvino and backbone.cpu_bf16 and native_bf16()) else "fp32"
+            # Joined sizes: bf16 is unmeasured on a GPU and moved verdicts on a CPU (LoadedBackbone.cpu_bf16).
+            gpu_bf16 = cuda and not backbone.fingerprint.scales
+            cpu_bf16 = openvino and backbone.cpu_bf16 and native_bf16()
+            resolved: CpuPrecision = "bf16" if gpu_bf16 or cpu_bf16 else "fp32"
         else:
             resolved = precision
         self.precision = resolved
@@ -160,9 +172,10 @@ class Embedder:
                                         threads=torch.get_num_threads(), cache_dir=cache_dir)
         elif scales:
             head = None if backbone.head is None else backbone.head.to(self.device).eval()
-            each = (self.fingerprint.dim if head is None else head.in_dim) // len(scales)
+            each = backbone.network_dim
             if head is not None and head.in_dim != each * len(scales):
-                raise ValueError(f"a head on {head.in_dim} values does not fit {len(scales)} joined sizes")
+                raise ValueError(f"a head on {head.in_dim} values does not fit {len(scales)} joined sizes "
+                                 f"of {each} values")
             # One network per size, without the head: each is the network of a one-size catalogue
             # at that size (so OpenVINO's converted files are shared with those).
             networks: list[Network] = []

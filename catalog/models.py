@@ -98,12 +98,13 @@ class LoadedBackbone:
     # the demo photos (tests/unit/test_runtime.py); where it was not, or failed, a CPU's ``auto``
     # precision is fp32. Measured only for backbones whose ImageNet weights install here.
     cpu_bf16: bool = False
+    network_dim: int = 0  # the network's own output per input size (the fingerprint's dim, before any head)
 
     def with_head(self, head: ProjectionHead) -> LoadedBackbone:
         """The same backbone followed by a trained projection head (its own vector space)."""
         fp = replace(self.fingerprint, dim=head.out_dim, head=head.identity())
         return LoadedBackbone(network=self.network, fingerprint=fp, weights_source=self.weights_source, head=head,
-                              cpu_bf16=self.cpu_bf16)
+                              cpu_bf16=self.cpu_bf16, network_dim=self.network_dim)
 
 
 class ProjectionHead(nn.Module):
@@ -369,7 +370,7 @@ def load_backbone(
     # across the demo's threshold (tests/unit/test_runtime.py's rule wants at most 1 in 100), so
     # joined sizes run at fp32 unless bf16 is asked for (SHELFMATCH_PRECISION=bf16).
     return LoadedBackbone(network=network, fingerprint=fingerprint, weights_source=weights,
-                          cpu_bf16=spec.cpu_bf16 and not joined)
+                          cpu_bf16=spec.cpu_bf16 and not joined, network_dim=spec.dim)
 
 
 def backbone_of(fingerprint: Fingerprint, weights: str, head: ProjectionHead | None = None) -> LoadedBackbone:

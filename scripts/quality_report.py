@@ -177,7 +177,7 @@ def main() -> int:
 
     joined_folds = [f for f in joined_entry.get("cross_validated", []) if isinstance(f, dict)]
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
 
     lines = [
@@ -274,9 +274,10 @@ def main() -> int:
         "|---|---|---|",
         *[f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets],
         "",
-        f"## 6. Joined input sizes (`catalog build --input-size {JOINED}`, issue #17)",
+        "## 6. Joined input sizes (issue #17)",
         "",
-        "The network runs at 224 and at 384 pixels and the two vectors are joined before the head "
+        f"`catalog build --input-size {JOINED}`: the network runs at each of these sizes and the vectors are "
+        "joined before the head "
         "(see the README, *Weights*). The recipe is otherwise the default's: packshots and train photos "
         "as references, `train-head` with its defaults, `calibrate` on val for 95% precision.",
         "",

@@ -86,6 +86,16 @@ def test_scales_join_one_unit_vector_per_size_in_the_fingerprint():
         Embedder(joined, "cpu", execution="compile")
 
 
+def test_the_resize_of_joined_sizes_in_float_is_within_a_grey_level_of_uint8():
+    """Off the CPU joined sizes resize in float (torch has no uint8 antialiased resize there)."""
+    from catalog.embedder import resized
+
+    pixels = torch.stack([to_tensor(decode(p.read_bytes(), (384, 384)).image) for p, _ in P.store_photos()[:4]])
+    as_uint8, in_float = resized(pixels, 224), resized(pixels, 224, in_float=True)
+    assert as_uint8.dtype == in_float.dtype == torch.uint8 and as_uint8.shape == (4, 3, 224, 224)
+    assert (as_uint8.int() - in_float.int()).abs().max() <= 1
+
+
 def test_a_joined_vector_is_each_scale_s_unit_features_in_order():
     """The largest scale sees the decoded photo as it is; a smaller one sees it resized from that,
     close to what decoding at that size gives (ImageNet weights: random ones would hide a wrong

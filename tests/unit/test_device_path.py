@@ -206,3 +206,18 @@ def test_bf16_and_fixed_batches_give_the_fp32_vectors_for_any_batch_length(backb
         assert got.shape == (n, reference.shape[1]) and got.dtype == torch.float32
         assert torch.allclose(got.norm(dim=1), torch.ones(n), atol=1e-3)
         assert F.cosine_similarity(got, reference[:n]).min() > 0.98
+
+
+def test_joined_sizes_on_the_test_device_give_the_cpu_s_vectors(store_jpegs):
+    """A catalogue at joined input sizes on the device it is served on (auto settings: OpenVINO on a
+    CPU, eager torch on a GPU, fp32 on both) gives the vectors torch gives on the CPU; on a GPU the
+    smaller size is resized in float, within a grey level of the CPU's uint8 resize."""
+    joined = load_backbone("mobilenet_v3_small", weights="none", scales=(160, 224))
+    pixels = torch.stack([pillow(d) for d in store_jpegs])  # decoded at 224, the largest size
+    on_cpu = Embedder(joined, "cpu", execution="eager").embed(pixels)
+    served = Embedder(joined, DEVICE, precision="auto", execution="auto")
+    assert served.precision == "fp32" and served.execution == ("eager" if DEVICE.type == "cuda" else "openvino")
+    served.warm_up()
+    got = served.embed(pixels).cpu()
+    assert got.shape == on_cpu.shape == (len(store_jpegs), 2 * joined.network_dim)
+    assert F.cosine_similarity(got, on_cpu).min() > 0.995

@@ -51,8 +51,7 @@ def _catalog_build(args: argparse.Namespace) -> int:
     refs = _labelled(args.images, args.manifest, "images", manifest_flag="manifest")
     catalog = build_catalog(
         refs, model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size, cache=CACHE,
-        input_size=args.input_size[0] if len(args.input_size or ()) == 1 else None,
-        scales=tuple(args.input_size) if len(args.input_size or ()) > 1 else (),
+        scales=tuple(args.input_size or ()),  # one size is an input size (catalog.models.load_backbone)
     )
     catalog.save(args.out)
     print(f"wrote {args.out}")

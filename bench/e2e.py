@@ -52,7 +52,7 @@ BATCH = 32
 from catalog.build import build_catalog, references_from_folder  # noqa: E402
 from catalog.embedder import Embedder  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
-from catalog.preprocess import decode, to_tensor  # noqa: E402
+from catalog.preprocess import decode  # noqa: E402
 
 
 def store_photos() -> list[bytes]:
@@ -97,7 +97,7 @@ def model_alone(model: str, photos: list[bytes], execution: str, precision: str,
     name, scales = parse_model(model)
     embedder = Embedder(load_backbone(name, weights="none", scales=scales), "cpu", execution=execution,
                         precision=precision, cache_dir=NETWORKS)
-    pixels = torch.stack([to_tensor(decode(photos[i % len(photos)], embedder.input_size).image) for i in range(BATCH)])
+    pixels = torch.stack([decode(photos[i % len(photos)], embedder.input_size).pixels for i in range(BATCH)])
     for _ in range(3):
         embedder.embed(pixels)
     start = time.perf_counter()

@@ -41,7 +41,7 @@ from catalog.embedder import Embedder, resolve_device  # noqa: E402
 from catalog.matcher import Matcher  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.planogram import parse_planogram  # noqa: E402
-from catalog.preprocess import DecodeLimits, decode_frame, to_tensor  # noqa: E402
+from catalog.preprocess import DecodeLimits, decode_frame  # noqa: E402
 from consumer.batcher import batches  # noqa: E402
 from consumer.facings import Facing, Frames, crop  # noqa: E402
 from consumer.metrics import Metrics  # noqa: E402
@@ -85,7 +85,7 @@ def cut_facings(recognizer: Recognizer, frames: list[bytes], plan: dict, batch: 
     planogram = parse_planogram(json.dumps(plan))
     facings = [Facing(region=s.region) for s in planogram.slots]
     device = recognizer.embedder.device
-    crops = [crop(to_tensor(decode_frame(f, 1600).image), facings, recognizer.embedder.input_size, device)
+    crops = [crop(decode_frame(f, 1600).pixels, facings, recognizer.embedder.input_size, device)
              for f in frames[: -(-batch // len(facings))]]
     return torch.cat(crops)[:batch]
 

@@ -49,7 +49,7 @@ from catalog.embedder import Embedder, resolve_device  # noqa: E402
 from catalog.jpeg_batch import JpegBatchDecoder  # noqa: E402
 from catalog.matcher import Matcher  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
-from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor  # noqa: E402
+from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg  # noqa: E402
 from catalog.store import Catalog  # noqa: E402
 
 BATCH = 32
@@ -233,7 +233,7 @@ def parity(device: torch.device, threshold: float = 0.70) -> dict:
     result = {}
     for kind, transform in (("store photos 348x348", lambda b: b), ("upscaled to 1920x1080", _to_frame)):
         truth, data = zip(*[(sku, transform(path.read_bytes())) for path, sku in P.store_photos()], strict=True)
-        slow_px = torch.stack([to_tensor(decode(d, (224, 224)).image) for d in data])
+        slow_px = torch.stack([decode(d, (224, 224)).pixels for d in data])
         fast_px = decoder([probe_plain_jpeg(d) for d in data], (224, 224))  # one batch, as in the service
         a = slow.embed(slow_px)
         b = fast.embed(torch.stack(fast_px))

@@ -17,7 +17,7 @@ from catalog.augment import Augmentation
 from catalog.embedder import Embedder
 from catalog.errors import CatalogError, ImageRejected
 from catalog.models import LoadedBackbone, load_backbone
-from catalog.preprocess import DecodeLimits, decode, to_tensor
+from catalog.preprocess import DecodeLimits, decode
 from catalog.store import Catalog
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ def embed_images(
         index, path = item
         try:
             if augmentation is None:
-                return to_tensor(decode(path.read_bytes(), size, REFERENCE_LIMITS).image)
-            big = to_tensor(decode(path.read_bytes(), augmentation.decode_size(size), REFERENCE_LIMITS).image)
+                return decode(path.read_bytes(), size, REFERENCE_LIMITS).pixels
+            big = decode(path.read_bytes(), augmentation.decode_size(size), REFERENCE_LIMITS).pixels
             return augmentation.view(big, size, index)
         except ImageRejected as exc:
             raise CatalogError(f"image {path} ({exc.reason}): {exc}") from exc

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from catalog.models import Fingerprint, LoadedBackbone
+from catalog.preprocess import resized
 from catalog.runtime import CpuPrecision, Network, OpenVinoNetwork, native_bf16
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -98,17 +99,6 @@ class _Normalised(nn.Module):
         return features
 
 
-def resized(pixels: torch.Tensor, size: int, *, in_float: bool | None = None) -> torch.Tensor:
-    """A uint8 batch (N, 3, H, W) at ``size`` x ``size``, antialiased bilinear (as Pillow resizes).
-    Antialiased resizing of uint8 is a CPU path in torch; elsewhere (or with ``in_float``) it runs
-    in float and is rounded back, within one grey level of the uint8 result."""
-    if not (pixels.device.type != "cpu" if in_float is None else in_float):
-        return F.interpolate(pixels.contiguous(memory_format=torch.channels_last), size=(size, size),
-                             mode="bilinear", antialias=True, align_corners=False)
-    out = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
 class _JoinedScales:
     """A catalogue's network at several input sizes (``Fingerprint.scales``): the batch arrives at
     the largest; each smaller size is resized from it as uint8 (antialiased bilinear, as Pillow
@@ -120,7 +110,7 @@ class _JoinedScales:
         self.sizes, self.networks, self.head = sizes, networks, head
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        views = [resized(pixels, size) for size in self.sizes[:-1]] + [pixels]  # the largest as decoded
+        views = [resized(pixels, (size, size)) for size in self.sizes[:-1]] + [pixels]  # the largest as decoded
         features = torch.cat([net(view) for net, view in zip(self.networks, views, strict=True)], dim=1)
         features = features / math.sqrt(len(views))
         return features if self.head is None else F.normalize(self.head(features), dim=1)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from catalog.errors import PlanogramError
+from catalog.preprocess import resized
 
 PLANOGRAM_FORMAT = "shelfmatch-planogram/1"
 # The catalogue entry reserved for an empty facing (built from empty-shelf patches, see
@@ -311,8 +312,6 @@ def crop_regions(frame: torch.Tensor, regions: Sequence[Region], size: tuple[int
     device = device or frame.device
     width, height = size
     image = frame.to(device, non_blocking=True).unsqueeze(0)
-    if device.type != "cpu":  # antialiased resizing of uint8 is a CPU path; elsewhere in float
-        image = image.float()
     _, _, fh, fw = image.shape
     out = torch.empty((len(regions), 3, height, width), dtype=torch.uint8, device=device)
     for i, r in enumerate(regions):
@@ -323,6 +322,5 @@ def crop_regions(frame: torch.Tensor, regions: Sequence[Region], size: tuple[int
         x0, x1 = min(round(r.x0 * fw), fw - 1), round(r.x1 * fw)
         y0, y1 = min(round(r.y0 * fh), fh - 1), round(r.y1 * fh)
         patch = image[:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
-        resized = F.interpolate(patch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        out[i] = resized[0] if resized.dtype == torch.uint8 else resized[0].round().clamp(0, 255).to(torch.uint8)
+        out[i] = resized(patch, size)[0]
     return out

@@ -56,7 +56,7 @@ from catalog.embedder import Embedder
 from catalog.jpeg_batch import JpegBatchDecoder
 from catalog.matcher import Match, Matcher
 from catalog.models import Fingerprint
-from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg, to_tensor
+from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg
 from catalog.store import Calibration, Catalog, ComplianceCalibration
 from consumer.batcher import batches
 from consumer.delivery import Outcome, PartitionOwner, Sink, commit_in_order, publish
@@ -173,7 +173,7 @@ class Recognizer:
                 fallbacks += 1
                 began = time.perf_counter()
                 try:
-                    pixels = to_tensor(decode(photo.jpeg.data, size, limits).image)
+                    pixels = decode(photo.jpeg.data, size, limits).pixels
                 except Exception as exc:
                     result[i] = Poison.of(exc)
                     continue

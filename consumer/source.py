@@ -24,7 +24,6 @@ from catalog.preprocess import (
     decode,
     decode_frame,
     decode_unless_plain_jpeg,
-    to_tensor,
 )
 from consumer.facings import Frames, Regions, check_regions, regions_for
 from consumer.messages import parse_headers
@@ -119,7 +118,7 @@ def decode_record(
             assert frames is not None
             frame = decode_frame(data, frames.max_side, limits)
             check_regions(regions, frame.width, frame.height)
-            return DecodedPhoto(pixels=to_tensor(frame.image), fields=fields, width=frame.width, height=frame.height,
+            return DecodedPhoto(pixels=frame.pixels, fields=fields, width=frame.width, height=frame.height,
                                 decode_s=time.perf_counter() - start, regions=regions)
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
     except Exception as exc:
@@ -128,7 +127,7 @@ def decode_record(
         return PendingJpeg(jpeg=decoded, fields=fields, width=decoded.width, height=decoded.height,
                            decode_s=time.perf_counter() - start)
     return DecodedPhoto(
-        pixels=to_tensor(decoded.image), fields=fields, width=decoded.width, height=decoded.height,
+        pixels=decoded.pixels, fields=fields, width=decoded.width, height=decoded.height,
         decode_s=time.perf_counter() - start,
     )
 

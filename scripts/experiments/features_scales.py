@@ -25,7 +25,7 @@ from catalog.evaluate import product_scores, top_k_accuracy
 from catalog.grocery import grocery_sets
 from catalog.head import project, train_head
 from catalog.models import load_backbone
-from catalog.preprocess import decode, to_tensor
+from catalog.preprocess import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def features(name: str, size: int) -> Path:
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
 
     def pixels(p: Path) -> torch.Tensor:
-        return to_tensor(decode(p.read_bytes(), (size, size)).image)
+        return decode(p.read_bytes(), (size, size)).pixels
 
     out = {}
     for key in SETS:

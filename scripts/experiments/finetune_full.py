@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from catalog.evaluate import product_scores, top_k_accuracy
 from catalog.grocery import grocery_sets
 from catalog.models import load_backbone
-from catalog.preprocess import decode, to_tensor
+from catalog.preprocess import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def splits() -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
 
 def load_all(rows: list[tuple[Path, str]], size: tuple[int, int]) -> torch.Tensor:
     with ThreadPoolExecutor(2) as pool:
-        return torch.stack(list(pool.map(lambda r: to_tensor(decode(r[0].read_bytes(), size).image), rows)))
+        return torch.stack(list(pool.map(lambda r: decode(r[0].read_bytes(), size).pixels, rows)))
 
 
 def main(argv: list[str]) -> None:

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from catalog.evaluate import product_scores, top_k_accuracy
 from catalog.grocery import grocery_sets
 from catalog.models import load_backbone
-from catalog.preprocess import decode, to_tensor
+from catalog.preprocess import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 torch.manual_seed(0)
@@ -45,7 +45,7 @@ def stem(x):
 
 
 def load(p, flip=False):
-    t = to_tensor(decode(open(p, "rb").read(), pre.size).image)
+    t = decode(open(p, "rb").read(), pre.size).pixels
     return t.flip(-1) if flip else t
 
 

@@ -8,7 +8,7 @@ from catalog.augment import Augmentation
 from catalog.build import embed_images, references_from_folder
 from catalog.embedder import Embedder
 from catalog.models import load_backbone
-from catalog.preprocess import decode, to_tensor
+from catalog.preprocess import decode
 from tests.photos import REFERENCES
 
 SIZE = (224, 224)
@@ -16,7 +16,7 @@ PATHS = [r.path for r in references_from_folder(REFERENCES)][:3]
 
 
 def big(path, augmentation: Augmentation) -> torch.Tensor:
-    return to_tensor(decode(path.read_bytes(), augmentation.decode_size(SIZE)).image)
+    return decode(path.read_bytes(), augmentation.decode_size(SIZE)).pixels
 
 
 def test_views_are_reproducible_per_photo_and_differ_between_photos_and_seeds():

@@ -21,7 +21,6 @@ from catalog.preprocess import (
     decode,
     decode_unless_plain_jpeg,
     probe_plain_jpeg,
-    to_tensor,
 )
 from tests import photos as P
 
@@ -40,7 +39,7 @@ def store_jpegs() -> list[bytes]:
 
 
 def pillow(data: bytes) -> torch.Tensor:
-    return to_tensor(decode(data, SIZE).image)
+    return decode(data, SIZE).pixels
 
 
 def test_store_photos_are_plain_jpegs_and_decode_to_nearly_pillows_pixels(store_jpegs):

@@ -87,7 +87,7 @@ def test_a_frame_far_smaller_than_its_planogram_is_refused():
 
 def test_a_crop_holds_the_pixels_of_its_region():
     contents = list(S.SKUS)
-    frame = to_tensor(decode_frame(S.frame(contents), 4096).image)
+    frame = decode_frame(S.frame(contents), 4096).pixels
     regions = regions_for({"camera_id": "cam-1"}, [], planograms(S.planogram("cam-1", contents)))
     assert regions is not None
     crops = crop(frame, regions.facings, (96, 64))

@@ -8,7 +8,7 @@ import torch
 from catalog.embedder import Embedder
 from catalog.errors import CatalogError, WeightsUnavailableError
 from catalog.models import load_backbone
-from catalog.preprocess import decode, to_tensor
+from catalog.preprocess import decode
 from tests import photos as P
 
 # ImageNet-1k class indices of products in the demo data.
@@ -35,7 +35,7 @@ def test_efficientnet_lite_imagenet_weights_are_real(variant, size):
     for path, sku in P.store_photos():
         if sku not in IMAGENET:
             continue
-        x = to_tensor(decode(path.read_bytes(), pre.size).image).float().unsqueeze(0) / 255
+        x = decode(path.read_bytes(), pre.size).pixels.float().unsqueeze(0) / 255
         with torch.inference_mode():
             top5 = net((x - mean) / std).topk(5).indices[0].tolist()
         hits += IMAGENET[sku] in top5
@@ -88,10 +88,10 @@ def test_scales_join_one_unit_vector_per_size_in_the_fingerprint():
 
 def test_the_resize_of_joined_sizes_in_float_is_within_a_grey_level_of_uint8():
     """Off the CPU joined sizes resize in float (torch has no uint8 antialiased resize there)."""
-    from catalog.embedder import resized
+    from catalog.preprocess import resized
 
-    pixels = torch.stack([to_tensor(decode(p.read_bytes(), (384, 384)).image) for p, _ in P.store_photos()[:4]])
-    as_uint8, in_float = resized(pixels, 224), resized(pixels, 224, in_float=True)
+    pixels = torch.stack([decode(p.read_bytes(), (384, 384)).pixels for p, _ in P.store_photos()[:4]])
+    as_uint8, in_float = resized(pixels, (224, 224)), resized(pixels, (224, 224), in_float=True)
     assert as_uint8.dtype == in_float.dtype == torch.uint8 and as_uint8.shape == (4, 3, 224, 224)
     assert (as_uint8.int() - in_float.int()).abs().max() <= 1
 
@@ -103,8 +103,8 @@ def test_a_joined_vector_is_each_scale_s_unit_features_in_order():
     joined = Embedder(load_backbone("efficientnet_lite0", scales=(160, 256)), "cpu")
     alone = {size: Embedder(load_backbone("efficientnet_lite0", input_size=size), "cpu") for size in (160, 256)}
     photos = [path.read_bytes() for path, _ in P.store_photos()[::6][:8]]  # several products
-    big = torch.stack([to_tensor(decode(b, (256, 256)).image) for b in photos])
-    small = torch.stack([to_tensor(decode(b, (160, 160)).image) for b in photos])
+    big = torch.stack([decode(b, (256, 256)).pixels for b in photos])
+    small = torch.stack([decode(b, (160, 160)).pixels for b in photos])
     vectors = joined.embed(big)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(len(photos)))
     half = vectors * 2 ** 0.5

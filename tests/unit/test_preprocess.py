@@ -1,5 +1,8 @@
+import io
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from catalog.errors import ImageRejected
@@ -22,6 +25,21 @@ def test_output_is_rgb_at_model_size(shelf_photo):
     d = decode(P.encode(shelf_photo, "JPEG"), SIZE)
     assert d.image.mode == "RGB" and d.image.size == SIZE
     assert (d.width, d.height) == shelf_photo.size
+
+
+def test_the_resize_is_pillow_s_bilinear_filter_within_a_grey_level():
+    """decode() resizes with torch's uint8 path (faster than Pillow's on a CPU): the catalogues built
+    before it, with Pillow, must see the same pixels, up to one grey level."""
+    for path, _ in P.store_photos()[:6]:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", SIZE)
+            expected = np.asarray(img.convert("RGB").resize(SIZE, Image.Resampling.BILINEAR), dtype=np.int16)
+        d = decode(data, SIZE)
+        assert d.pixels.dtype == torch.uint8 and tuple(d.pixels.shape) == (3, SIZE[1], SIZE[0])
+        got = d.pixels.permute(1, 2, 0).numpy().astype(np.int16)
+        assert np.abs(got - expected).max() <= 1
+        assert (got != expected).mean() < 0.01
 
 
 def test_exif_orientation_is_applied(shelf_photo):

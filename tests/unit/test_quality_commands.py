@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from catalog.preprocess import decode, to_tensor
+from catalog.preprocess import decode
 from catalog.store import Catalog
 from consumer.app import load_model
 from consumer.cli import main
@@ -121,7 +121,7 @@ def test_a_catalogue_built_at_another_input_size_keeps_it_through_train_head_and
         # The consumer's runtime finds a reference photo as itself: the catalogue's vectors and the
         # live ones are made the same way at every size.
         first = Path(catalog.references[0])
-        pixels = to_tensor(decode(first.read_bytes(), model.embedder.input_size).image).unsqueeze(0)
+        pixels = decode(first.read_bytes(), model.embedder.input_size).pixels.unsqueeze(0)
         [found] = model.matcher.match(model.embedder.embed(pixels))
         assert found.best[0] == catalog.skus[catalog.row_sku[0]] and found.best[1] > 0.999
     # global pooling: the same dimension at any size, once per size

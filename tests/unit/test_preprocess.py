@@ -42,6 +42,40 @@ def test_the_resize_is_pillow_s_bilinear_filter_within_a_grey_level():
         assert (got != expected).mean() < 0.01
 
 
+def test_enlarging_takes_the_plain_bilinear_filter_which_gives_the_antialiased_pixels():
+    """resized() skips antialiasing when it enlarges along both sides (facings smaller than the
+    model's input): on uint8 (a CPU) it must not change a pixel; in float (a GPU) only a rounding
+    at .5 may differ."""
+    from torch.nn import functional as F
+
+    from catalog.preprocess import resized
+
+    frame = decode(P.store_photos()[0][0].read_bytes(), (300, 300)).pixels.unsqueeze(0)
+    patches = [frame[:, :, :200, :200], frame[:, :, 50:250, 10:190], frame[:, :, :224, :100]]
+    for patch in patches:
+        for in_float in (False, True):
+            got = resized(patch, (224, 224), in_float=in_float)
+            cast = patch.float() if in_float else patch.contiguous(memory_format=torch.channels_last)
+            want = F.interpolate(cast, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+            want = want.round().clamp(0, 255).to(torch.uint8)
+            if in_float:
+                assert (got.int() - want.int()).abs().max() <= 1
+            else:
+                assert torch.equal(got, want)
+
+
+def test_a_plain_jpeg_decodes_to_pillow_s_exact_pixels():
+    """Plain JPEGs that Pillow would not shrink are decoded by torchvision's libjpeg-turbo (faster):
+    the same pixels as Pillow's, bit for bit, before any resize."""
+    for path, _ in P.store_photos()[:6]:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            expected = np.asarray(img.convert("RGB"))
+            size = img.size
+        got = decode(data, size).pixels.permute(1, 2, 0).numpy()
+        assert np.array_equal(got, expected)
+
+
 def test_exif_orientation_is_applied(shelf_photo):
     upright = shelf_photo.crop((0, 0, 348, 200))  # landscape, so a wrong rotation shows
     d = decode(P.exif_rotated_jpeg(upright), SIZE)

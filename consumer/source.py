@@ -121,7 +121,9 @@ def decode_record(
             assert frames is not None
             frame = decode_frame(data, frames.max_side, limits)
             check_regions(regions, frame.width, frame.height)
-            pixels = crop(frame.pixels, regions.facings, size) if frames.cut_when_decoded else frame.pixels
+            pixels = frame.pixels
+            if frames.cut_when_decoded and len(regions.facings) * size[0] * size[1] <= frame.pixels[0].numel():
+                pixels = crop(frame.pixels, regions.facings, size)  # no more memory than the frame
             return DecodedPhoto(pixels=pixels, fields=fields, width=frame.width, height=frame.height,
                                 decode_s=time.perf_counter() - start, regions=regions)
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)

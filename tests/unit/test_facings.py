@@ -146,15 +146,20 @@ EXPECTED = [S.SKUS[0], S.SKUS[1], S.SKUS[2], S.SKUS[3], S.SKUS[2], S.SKUS[1],
             S.SKUS[2], S.SKUS[3], S.SKUS[0], S.SKUS[1], S.SKUS[2], S.SKUS[0]]
 
 
-@pytest.mark.parametrize("cut_when_decoded", [False, True], ids=["cut-by-the-model-stage", "cut-when-decoded"])
-async def test_facings_of_a_frame_span_batches_and_make_one_event_per_photo(recognizer, cut_when_decoded):
+@pytest.mark.parametrize(("cut_when_decoded", "facing", "shape"), [
+    (False, 240, (3, 480, 1440)),
+    (True, 240, (12, 3, 224, 224)),  # the facings take less memory than the frame: cut when decoded
+    (True, 160, (3, 320, 960)),  # more: the frame waits for the model stage, which cuts it
+], ids=["cut-by-the-model-stage", "cut-when-decoded", "too-many-facings-to-cut-when-decoded"])
+async def test_facings_of_a_frame_span_batches_and_make_one_event_per_photo(recognizer, cut_when_decoded, facing,
+                                                                            shape):
     # Batches of 8 facings.
     contents, expected = CONTENTS, EXPECTED
     frames = Frames(lambda: planograms(S.planogram("cam-1", expected, rows=2)), cut_when_decoded=cut_when_decoded)
     limits = DecodeLimits()
-    shelf = decode_record(record(0, S.frame(contents, rows=2)), (224, 224), limits, frames=frames)
+    shelf = decode_record(record(0, S.frame(contents, rows=2, facing=facing)), (224, 224), limits, frames=frames)
     assert isinstance(shelf, DecodedPhoto)
-    assert tuple(shelf.pixels.shape) == ((12, 3, 224, 224) if cut_when_decoded else (3, 320, 960))
+    assert tuple(shelf.pixels.shape) == shape
     whole_rec = record(1, P.encode(S.reference(S.SKUS[2]), "JPEG", quality=95), key=b"close-up")
     whole = decode_record(whole_rec, (224, 224), limits, frames=frames)
     poison = decode_record(record(2, b"junk"), (224, 224), limits, frames=frames)
@@ -188,7 +193,7 @@ async def test_facings_cut_when_decoded_give_the_same_event_as_facings_cut_by_th
     pixels, so the same scores, to the last bit."""
     frames = {cut: Frames(lambda: planograms(S.planogram("cam-1", EXPECTED, rows=2)), cut_when_decoded=cut)
               for cut in (False, True)}
-    data = S.frame(CONTENTS, rows=2)
+    data = S.frame(CONTENTS, rows=2, facing=240)
     events = {}
     for cut, how in frames.items():
         decoded = decode_record(record(0, data), (224, 224), DecodeLimits(), frames=how)

@@ -265,7 +265,92 @@ def e2e_section(data: dict) -> list[str]:
                 f"{load['p50_ms']:.0f} | {load['p95_ms']:.0f} | {load['p99_ms']:.0f} | {mark} | "
                 f"{_cores(load.get('cpu_cores'))} |"
             )
-    return lines + [""]
+    return lines + [""] + cpu_runtime_targets(data["results"])
+
+
+LITE0, RESNET18 = "efficientnet_lite0", "resnet18"
+
+
+def cpu_runtime_targets(results: list[dict]) -> list[str]:
+    """Issue #15's targets read off the rows of one bench/e2e.py run (those it has rows for):
+    ``eager`` is the service as it was, ``openvino`` at auto precision (bf16 on this CPU) the
+    default for EfficientNet-Lite, ``openvino fp32`` the default for ResNets and for CPUs without bf16."""
+    rows = {(r["model"], r["size"], _execution(r)): r for r in results}
+
+    def speedup(model: str, size: str, execution: str) -> float | None:
+        r, base = rows.get((model, size, execution)), rows.get((model, size, "eager"))
+        return r["service_img_s"] / base["service_img_s"] if r and base else None
+
+    def verdict(values: list[float | None], target: float) -> str:
+        known = [v for v in values if v is not None]
+        return "-" if not known else "met" if all(v >= target for v in known) else "missed"
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    bf16, fp32 = "openvino bf16", "openvino fp32"
+    table = []
+    lite, resnet = speedup(LITE0, "store", bf16), speedup(RESNET18, "store", fp32)
+    resnet_bf16 = speedup(RESNET18, "store", bf16)
+    table.append(("store photos: Lite0 >= 4x today's service (bf16, its default here)", x(lite), verdict([lite], 4)))
+    table.append(("store photos: ResNet-18 >= 2.2x", f"{x(resnet_bf16)} with bf16 (opt-in), {x(resnet)} at its fp32 "
+                  "default", {"met": "met with bf16", "missed": "missed"}.get(verdict([resnet_bf16], 2.2), "-")))
+    lite_fp32 = speedup(LITE0, "store", fp32)
+    table.append(("fp32 forced: Lite0 >= 2.5x, ResNet-18 >= 1.25x", f"{x(lite_fp32)}, {x(resnet)}",
+                  "met" if verdict([lite_fp32], 2.5) == verdict([resnet], 1.25) == "met" else "missed"))
+    shares = {key: r["service_img_s"] / r["model_alone_img_s"] for key, r in rows.items()
+              if key[1] == "store" and key[2] != "eager"}
+    table.append(("store photos: each >= 90% of its backend alone",
+                  ", ".join(f"{m} {e.removeprefix('openvino ')} {v:.0%}" for (m, _, e), v in shares.items()),
+                  verdict(list(shares.values()), 0.9)))
+    naive = {key: r["service_img_s"] / r["naive_img_s"] for key, r in rows.items()
+             if key in ((LITE0, "store", bf16), (RESNET18, "store", fp32))}
+    table.append((">= 3x the naive consumer (defaults, store photos)",
+                  ", ".join(f"{m} {v:.1f}x" for (m, _, _), v in naive.items()), verdict(list(naive.values()), 3)))
+    full_lite, full_resnet_bf16 = speedup(LITE0, "fullhd", bf16), speedup(RESNET18, "fullhd", bf16)
+    full_resnet = speedup(RESNET18, "fullhd", fp32)
+    full = verdict([full_lite, full_resnet], 1.5)
+    if full == "missed" and verdict([full_lite, full_resnet_bf16], 1.5) == "met":
+        full = "met with bf16"
+    table.append(("full HD: >= 1.5x today's", f"Lite0 {x(full_lite)}; ResNet-18 {x(full_resnet_bf16)} with bf16, "
+                  f"{x(full_resnet)} at fp32", full))
+    latency = {}
+    for key, r in rows.items():
+        if key[2] == "eager":
+            continue
+        bound = BATCH_MAX_WAIT_MS + 3 * r["batch_service_s"] * 1e3
+        half = next((load for load in r["loads"] if load["fraction"] == 0.5), None)
+        if half is not None:
+            latency[key] = half["p99_ms"] <= bound
+    met = [f"{m} {s} {e.removeprefix('openvino ')}" for (m, s, e), ok in latency.items() if ok]
+    missed = [f"{m} {s} {e.removeprefix('openvino ')}" for (m, s, e), ok in latency.items() if not ok]
+    table.append(("p99 at 50% load within max wait + 3 x batch", f"met: {', '.join(met) or 'none'}; missed: "
+                  f"{', '.join(missed) or 'none'}", "-" if not latency else "met" if not missed else "missed"))
+    rss = {(m, s, e): (r["service_peak_rss_mb"], rows[(m, s, "eager")]["service_peak_rss_mb"])
+           for (m, s, e), r in rows.items() if e != "eager" and (m, s, "eager") in rows}
+    if rss:
+        (m, s, e), (a, b) = max(rss.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        table.append(("peak RSS not above today's (eager's, same model and photos)",
+                      f"the most against eager: {m} {s} {e.removeprefix('openvino ')}, {a:,.0f} against {b:,.0f} MB",
+                      "met" if a <= b else "missed"))
+    return [
+        "**CPU runtime (issue #15), read off the tables above** (generated from the same run; `eager` is the service "
+        "as it was; EfficientNet-Lite runs at `openvino` auto precision by default, bf16 on this CPU, where its bf16 "
+        "parity was measured; ResNets default to `openvino fp32`, as their bf16 parity cannot be measured here without "
+        "offline ImageNet weights, and take `openvino:bf16` as an opt-in):",
+        "",
+        "| target (issue #15) | measured | |",
+        "|---|---|---|",
+        *(f"| {t} | {m} | {v} |" for t, m, v in table),
+        "",
+        "The cores-used columns say where the missing share goes on this machine: the broker, the load producer and "
+        "the event collector run on the same 2 cores as the service; at 50% load with the network on OpenVINO they "
+        "leave the service less than the model needs for twice that rate, so the p99 there measures a full "
+        "machine, not the service's queueing (a deployment has its brokers and cameras elsewhere). Full HD is "
+        "decode-bound with the faster network: Pillow's draft decode of a 1920x1080 JPEG to 1/4 scale costs "
+        "about 6-8 ms of one core, several times the network's share of a photo.",
+        "",
+    ]
 
 
 def _cores(shares: dict[str, float] | None) -> str:

@@ -62,3 +62,29 @@ def test_merging_the_real_report_again_changes_nothing_and_ends_with_a_newline(
 def test_a_title_inside_a_code_block_is_not_a_section() -> None:
     _, by_title = report.sections(["## A", "```", "## not a title", "```", "## B", "text"])
     assert list(by_title) == ["## A", "## B"]
+
+
+def _row(model: str, size: str, execution: str, service: float, alone: float, rss: float, p99: float) -> dict:
+    name, _, precision = execution.partition(":")
+    return {"model": model, "size": size, "execution": name, "precision": precision or "auto", "service_img_s": service,
+            "model_alone_img_s": alone, "naive_img_s": 10.0, "service_peak_rss_mb": rss, "batch_service_s": 0.1,
+            "loads": [{"fraction": 0.5, "p99_ms": p99}]}
+
+
+def test_the_cpu_runtime_targets_are_read_off_the_rows_of_the_run() -> None:
+    results = [
+        _row("efficientnet_lite0", "store", "eager", 50, 45, 1400, 100),
+        _row("efficientnet_lite0", "store", "openvino:bf16", 250, 260, 1200, 300),  # 5x eager, 96% of alone
+        _row("efficientnet_lite0", "store", "openvino:fp32", 150, 200, 1500, 900),  # 75% of alone; RSS over eager
+    ]
+    lines = report.cpu_runtime_targets(results)
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines if ln.startswith("| ") and "---" not in ln}
+    assert rows["store photos: Lite0 >= 4x today's service (bf16, its default here)"].endswith("| 5.00x | met |")
+    assert "efficientnet_lite0 fp32 75%" in rows["store photos: each >= 90% of its backend alone"]
+    assert rows["store photos: each >= 90% of its backend alone"].endswith("| missed |")
+    # bound: 50 ms wait + 3 x 100 ms batch = 350 ms: bf16 met (300), fp32 missed (900)
+    latency = rows["p99 at 50% load within max wait + 3 x batch"]
+    assert "met: efficientnet_lite0 store bf16; missed: efficientnet_lite0 store fp32" in latency
+    rss = rows["peak RSS not above today's (eager's, same model and photos)"]
+    assert "efficientnet_lite0 store fp32, 1,500 against 1,400 MB" in rss and rss.endswith("| missed |")
+    assert rows["store photos: ResNet-18 >= 2.2x"].endswith("| - |")  # no ResNet rows in this run

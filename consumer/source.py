@@ -109,8 +109,8 @@ def decode_record(
     With ``device_jpeg`` a plain JPEG only has its headers checked here; its pixels are decoded
     later with the rest of its batch on the model's device (see :mod:`catalog.jpeg_batch`).
     With ``frames``, a photo that has regions (:func:`consumer.facings.regions_for`) is decoded
-    whole at up to ``frames.max_side`` pixels, by Pillow, for its facings to be cut on the device
-    (here, with ``frames.cut_when_decoded``).
+    whole at up to ``frames.max_side`` pixels (:func:`catalog.preprocess.decode_frame`), for its
+    facings to be cut on the device (here, with ``frames.cut_when_decoded``).
     """
     start = time.perf_counter()
     try:

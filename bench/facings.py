@@ -7,10 +7,9 @@
   on the device), ``--batch`` at a time: the most facings/s the hardware gives at that batch size;
 - service: shelf frames (composed from the demo photos, ``--facings`` per frame on 4 rows) fed
   as Kafka records from memory through the service's own stages: header checks and frame
-  decode in the decode pool, photo batching, the facing cut (on a CPU in the decode pool, as the
-  service does; on a GPU on the device, in the model stage), facing batching, embedding,
-  compliance verdicts against the planogram, and the ComplianceEvent JSON of every frame. No
-  broker (bench/e2e.py measures Kafka's share).
+  decode in the decode pool, photo batching, the facing cut (on the model's device, in the model
+  stage), facing batching, embedding, compliance verdicts against the planogram, and the
+  ComplianceEvent JSON of every frame. No broker (bench/e2e.py measures Kafka's share).
 
 The target (issue #14) is service >= 90% of the model alone. The two sides run alternated
 ``--repeat`` times; printed are the ratio of the best of each side and the median of the
@@ -113,8 +112,7 @@ async def service(recognizer: Recognizer, frames: list[bytes], plan: dict, batch
     limits = DecodeLimits()
     size = recognizer.embedder.input_size
     table = {"bench": parse_planogram(json.dumps(plan))}
-    # As the service: on a CPU the facings are cut in the decode pool.
-    frames_opt = Frames(lambda: table, cut_when_decoded=recognizer.embedder.device.type == "cpu")
+    frames_opt = Frames(lambda: table)
     metrics = Metrics(CollectorRegistry())
     photo_batch = max(1, batch // len(plan["slots"]))  # photos per input batch: about one model batch of facings
     fetched: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_DEPTHS.fetched(photo_batch))

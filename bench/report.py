@@ -276,10 +276,16 @@ def cpu_runtime_targets(results: list[dict]) -> list[str]:
     ``eager`` is the service as it was, ``openvino`` at auto precision (bf16 on this CPU) the
     default for EfficientNet-Lite, ``openvino fp32`` the default for ResNets and for CPUs without bf16."""
     rows = {(r["model"], r["size"], _execution(r)): r for r in results}
+    bf16, fp32 = "openvino bf16", "openvino fp32"
 
     def speedup(model: str, size: str, execution: str) -> float | None:
         r, base = rows.get((model, size, execution)), rows.get((model, size, "eager"))
+        if r is None and execution == bf16:  # run at auto precision: bf16 on a CPU that has it
+            r = rows.get((model, size, "openvino"))
         return r["service_img_s"] / base["service_img_s"] if r and base else None
+
+    def both(*verdicts: str) -> str:
+        return "missed" if "missed" in verdicts else "-" if "-" in verdicts else "met"
 
     def verdict(values: list[float | None], target: float) -> str:
         known = [v for v in values if v is not None]
@@ -288,23 +294,25 @@ def cpu_runtime_targets(results: list[dict]) -> list[str]:
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
-    bf16, fp32 = "openvino bf16", "openvino fp32"
     table = []
     lite, resnet = speedup(LITE0, "store", bf16), speedup(RESNET18, "store", fp32)
     resnet_bf16 = speedup(RESNET18, "store", bf16)
     table.append(("store photos: Lite0 >= 4x today's service (bf16, its default here)", x(lite), verdict([lite], 4)))
+    resnet_verdict = verdict([resnet], 2.2)
+    if resnet_verdict != "met" and verdict([resnet_bf16], 2.2) == "met":
+        resnet_verdict = "met with bf16"
     table.append(("store photos: ResNet-18 >= 2.2x", f"{x(resnet_bf16)} with bf16 (opt-in), {x(resnet)} at its fp32 "
-                  "default", {"met": "met with bf16", "missed": "missed"}.get(verdict([resnet_bf16], 2.2), "-")))
+                  "default", resnet_verdict))
     lite_fp32 = speedup(LITE0, "store", fp32)
     table.append(("fp32 forced: Lite0 >= 2.5x, ResNet-18 >= 1.25x", f"{x(lite_fp32)}, {x(resnet)}",
-                  "met" if verdict([lite_fp32], 2.5) == verdict([resnet], 1.25) == "met" else "missed"))
+                  both(verdict([lite_fp32], 2.5), verdict([resnet], 1.25))))
     shares = {key: r["service_img_s"] / r["model_alone_img_s"] for key, r in rows.items()
               if key[1] == "store" and key[2] != "eager"}
     table.append(("store photos: each >= 90% of its backend alone",
                   ", ".join(f"{m} {e.removeprefix('openvino ')} {v:.0%}" for (m, _, e), v in shares.items()),
                   verdict(list(shares.values()), 0.9)))
     naive = {key: r["service_img_s"] / r["naive_img_s"] for key, r in rows.items()
-             if key in ((LITE0, "store", bf16), (RESNET18, "store", fp32))}
+             if key in ((LITE0, "store", bf16), (LITE0, "store", "openvino"), (RESNET18, "store", fp32))}
     table.append((">= 3x the naive consumer (defaults, store photos)",
                   ", ".join(f"{m} {v:.1f}x" for (m, _, _), v in naive.items()), verdict(list(naive.values()), 3)))
     full_lite, full_resnet_bf16 = speedup(LITE0, "fullhd", bf16), speedup(RESNET18, "fullhd", bf16)

@@ -23,13 +23,12 @@ back to this stream while it is still being read.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import defaultdict
 
 import torch
 from torch.nn import functional as F
 
-from catalog.preprocess import PlainJpeg
+from catalog.preprocess import PlainJpeg, jpeg_bytes
 
 # Full-resolution float pixels resized in one call; bounds the memory a batch of large frames takes.
 RESIZE_CHUNK_PIXELS = 64_000_000
@@ -74,24 +73,19 @@ class JpegBatchDecoder:
         return out
 
     def _decode(self, jpegs: list[PlainJpeg]) -> list[torch.Tensor | None]:
-        with warnings.catch_warnings():
-            # frombuffer on read-only bytes: the decoder only reads them. torchvision >= 0.29 also
-            # announces that its decoders move to TorchCodec; they still work, and this module is
-            # the one place to change when they go.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            data = [torch.frombuffer(j.data, dtype=torch.uint8) for j in jpegs]
+        # torchvision's notice of its decoders' move to TorchCodec is filtered in catalog.preprocess.
+        data = [jpeg_bytes(j.data) for j in jpegs]
+        try:
+            return list(self._decode_jpeg(data, mode=self._rgb, device=self.device))
+        except RuntimeError:
+            pass  # one bad image fails the whole batch call: find it
+        images: list[torch.Tensor | None] = []
+        for d in data:
             try:
-                return list(self._decode_jpeg(data, mode=self._rgb, device=self.device))
+                images.append(self._decode_jpeg(d, mode=self._rgb, device=self.device))
             except RuntimeError:
-                pass  # one bad image fails the whole batch call: find it
-            images: list[torch.Tensor | None] = []
-            for d in data:
-                try:
-                    images.append(self._decode_jpeg(d, mode=self._rgb, device=self.device))
-                except RuntimeError:
-                    images.append(None)
-            return images
+                images.append(None)
+        return images
 
     @staticmethod
     def _resize(

@@ -312,6 +312,8 @@ def crop_regions(frame: torch.Tensor, regions: Sequence[Region], size: tuple[int
     device = device or frame.device
     width, height = size
     image = frame.to(device, non_blocking=True).unsqueeze(0)
+    if device.type != "cpu":  # antialiased resizing of uint8 is a CPU path; elsewhere in float, converted once
+        image = image.float()
     _, _, fh, fw = image.shape
     out = torch.empty((len(regions), 3, height, width), dtype=torch.uint8, device=device)
     for i, r in enumerate(regions):

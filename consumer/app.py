@@ -344,8 +344,7 @@ class Service:
                     poll_every_s=settings.max_poll_interval_ms / 3000,
                     unreadable=UnreadableBatches(settings.on_unreadable_batch, consumer_config(settings), self.metrics),
                     watchdog=self.watchdog,
-                    frames=Frames(self.planograms.snapshot, settings.frame_max_side,
-                                  cut_when_decoded=self.recognizer.embedder.device.type == "cpu"),
+                    frames=Frames(self.planograms.snapshot, settings.frame_max_side),
                 ), name="pipeline")
                 await asyncio.wait({pipeline, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not pipeline.done():

@@ -50,16 +50,10 @@ REGION_REASONS = (BAD_BOXES, BAD_REGION, FRAME_TOO_SMALL)
 class Frames:
     """How photos with regions are read: ``planograms()`` gives the planograms in force now, by
     camera id (a snapshot that is replaced whole, so a decode thread reads one consistent set);
-    a frame is decoded with its longer side at most ``max_side`` pixels. With ``cut_when_decoded``
-    (the model runs on this CPU) its facings are cut in the decode thread too, so that the model
-    thread only embeds (cutting 32 facings takes 4-6 ms of one core, during which the network
-    would wait), as long as they take no more memory than the frame (a frame of many small
-    facings waits, decoded, for its turn in the model stage, where it is cut). Off the CPU facings
-    are cut on the model's device, in the model stage."""
+    a frame is decoded with its longer side at most ``max_side`` pixels."""
 
     planograms: Callable[[], Mapping[str, Planogram]]
     max_side: int = 1600
-    cut_when_decoded: bool = False
 
 
 @dataclass(frozen=True)

@@ -165,9 +165,8 @@ def _groups(batch: list[Unit]) -> Iterator[list[Unit]]:
 
 
 def embed_units(recognizer: Recognizer, batch: list[Unit]) -> tuple[torch.Tensor, float]:
-    """Cut the facings of a batch on the model's device (unless they were cut when decoded) and
-    embed every unit in one forward pass (runs on the model thread). Returns the vectors, in unit
-    order, and the seconds taken."""
+    """Cut the facings of a batch on the model's device and embed every unit in one forward
+    pass (runs on the model thread). Returns the vectors, in unit order, and the seconds taken."""
     start = time.perf_counter()
     embedder = recognizer.embedder
     images: list[torch.Tensor] = []
@@ -176,8 +175,6 @@ def embed_units(recognizer: Recognizer, batch: list[Unit]) -> tuple[torch.Tensor
         assert pixels is not None, "a photo's pixels were released before all its units were embedded"
         if group[0].facing is None:
             images.extend(pixels.to(embedder.device) for _ in group)
-        elif pixels.dim() == 4:  # cut when decoded (Frames.cut_when_decoded): an image per facing
-            images.extend(pixels[u.index].to(embedder.device) for u in group)
         else:
             images.extend(crop(pixels, [u.facing for u in group if u.facing is not None], embedder.input_size,
                                embedder.device).unbind(0))

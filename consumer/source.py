@@ -25,7 +25,7 @@ from catalog.preprocess import (
     decode_frame,
     decode_unless_plain_jpeg,
 )
-from consumer.facings import Frames, Regions, check_regions, crop, regions_for
+from consumer.facings import Frames, Regions, check_regions, regions_for
 from consumer.messages import parse_headers
 from consumer.metrics import Metrics
 from consumer.stream import END, EndOfStream
@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 class DecodedPhoto:
     """A decoded photo: model input plus what the producer said about it."""
 
-    # uint8 (3, H, W) at the model's input size; with regions, the frame (aspect kept), or its facings
-    # already cut, (facings, 3, H, W) at the model's input size (Frames.cut_when_decoded)
-    pixels: torch.Tensor
+    pixels: torch.Tensor  # uint8 (3, H, W) at the model's input size; with regions, the frame (aspect kept)
     fields: dict[str, Any]  # key, camera_id, store_id, shelf_id, captured_at, content_type
     width: int
     height: int
@@ -110,7 +108,7 @@ def decode_record(
     later with the rest of its batch on the model's device (see :mod:`catalog.jpeg_batch`).
     With ``frames``, a photo that has regions (:func:`consumer.facings.regions_for`) is decoded
     whole at up to ``frames.max_side`` pixels (:func:`catalog.preprocess.decode_frame`), for its
-    facings to be cut on the device (here, with ``frames.cut_when_decoded``).
+    facings to be cut on the device.
     """
     start = time.perf_counter()
     try:
@@ -121,10 +119,7 @@ def decode_record(
             assert frames is not None
             frame = decode_frame(data, frames.max_side, limits)
             check_regions(regions, frame.width, frame.height)
-            pixels = frame.pixels
-            if frames.cut_when_decoded and len(regions.facings) * size[0] * size[1] <= frame.pixels[0].numel():
-                pixels = crop(frame.pixels, regions.facings, size)  # no more memory than the frame
-            return DecodedPhoto(pixels=pixels, fields=fields, width=frame.width, height=frame.height,
+            return DecodedPhoto(pixels=frame.pixels, fields=fields, width=frame.width, height=frame.height,
                                 decode_s=time.perf_counter() - start, regions=regions)
         decoded = decode_unless_plain_jpeg(data, size, limits) if device_jpeg else decode(data, size, limits)
     except Exception as exc:

@@ -47,14 +47,13 @@ def build_shelf_catalog(folder: Path) -> Path:
     return path
 
 
-def frame(contents: list[str | None], rows: int = 1, facing: int = FACING) -> bytes:
-    """A JPEG of ``rows`` rows of facings of ``facing`` pixels a side; ``contents`` row by row,
-    None for an empty facing."""
+def frame(contents: list[str | None], rows: int = 1) -> bytes:
+    """A JPEG of ``rows`` rows of facings; ``contents`` row by row, None for an empty facing."""
     per_row = len(contents) // rows
-    img = Image.new("RGB", (per_row * facing, rows * facing), (255, 255, 255))
+    img = Image.new("RGB", (per_row * FACING, rows * FACING), (255, 255, 255))
     for i, sku in enumerate(contents):
-        tile = (empty_patch() if sku is None else reference(sku)).resize((facing, facing), Image.Resampling.BILINEAR)
-        img.paste(tile, ((i % per_row) * facing, (i // per_row) * facing))
+        tile = empty_patch() if sku is None else reference(sku).resize((FACING, FACING), Image.Resampling.BILINEAR)
+        img.paste(tile, ((i % per_row) * FACING, (i // per_row) * FACING))
     return encode(img, "JPEG", quality=95)
 
 

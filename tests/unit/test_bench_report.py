@@ -88,3 +88,18 @@ def test_the_cpu_runtime_targets_are_read_off_the_rows_of_the_run() -> None:
     rss = rows["peak RSS not above today's (eager's, same model and photos)"]
     assert "efficientnet_lite0 store fp32, 1,500 against 1,400 MB" in rss and rss.endswith("| missed |")
     assert rows["store photos: ResNet-18 >= 2.2x"].endswith("| - |")  # no ResNet rows in this run
+
+
+def test_the_targets_read_auto_precision_as_the_default_and_no_rows_as_unknown() -> None:
+    """bench/e2e.py's own default runs `openvino` at auto precision (bf16 here): that row is
+    Lite0's default; a target with no rows in the run is '-', never 'missed'."""
+    results = [
+        _row("efficientnet_lite0", "store", "eager", 50, 45, 1400, 100),
+        _row("efficientnet_lite0", "store", "openvino", 250, 260, 1200, 300),
+        _row("efficientnet_lite0", "store", "openvino:fp32", 150, 160, 1300, 300),
+    ]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in report.cpu_runtime_targets(results)
+            if ln.startswith("| ") and "---" not in ln}
+    assert rows["store photos: Lite0 >= 4x today's service (bf16, its default here)"].endswith("| 5.00x | met |")
+    assert rows[">= 3x the naive consumer (defaults, store photos)"].endswith("| efficientnet_lite0 25.0x | met |")
+    assert rows["fp32 forced: Lite0 >= 2.5x, ResNet-18 >= 1.25x"].endswith("| 3.00x, - | - |")

@@ -139,27 +139,15 @@ async def run_process(recognizer: Recognizer, batches: list[list[tuple[ConsumerR
     return outcomes, metrics
 
 
-# 12 facings: empty gaps, one misplaced product; frames on 2 rows.
-CONTENTS = [S.SKUS[0], S.SKUS[1], None, S.SKUS[3], S.SKUS[2], S.SKUS[1],
-            S.SKUS[2], S.SKUS[3], S.SKUS[0], None, S.SKUS[1], S.SKUS[0]]
-EXPECTED = [S.SKUS[0], S.SKUS[1], S.SKUS[2], S.SKUS[3], S.SKUS[2], S.SKUS[1],
-            S.SKUS[2], S.SKUS[3], S.SKUS[0], S.SKUS[1], S.SKUS[2], S.SKUS[0]]
-
-
-@pytest.mark.parametrize(("cut_when_decoded", "facing", "shape"), [
-    (False, 240, (3, 480, 1440)),
-    (True, 240, (12, 3, 224, 224)),  # the facings take less memory than the frame: cut when decoded
-    (True, 160, (3, 320, 960)),  # more: the frame waits for the model stage, which cuts it
-], ids=["cut-by-the-model-stage", "cut-when-decoded", "too-many-facings-to-cut-when-decoded"])
-async def test_facings_of_a_frame_span_batches_and_make_one_event_per_photo(recognizer, cut_when_decoded, facing,
-                                                                            shape):
-    # Batches of 8 facings.
-    contents, expected = CONTENTS, EXPECTED
-    frames = Frames(lambda: planograms(S.planogram("cam-1", expected, rows=2)), cut_when_decoded=cut_when_decoded)
+async def test_facings_of_a_frame_span_batches_and_make_one_event_per_photo(recognizer):
+    # 12 facings: empty gaps, one misplaced product; frames on 2 rows; batches of 8 facings.
+    contents = [S.SKUS[0], S.SKUS[1], None, S.SKUS[3], S.SKUS[2], S.SKUS[1],
+                S.SKUS[2], S.SKUS[3], S.SKUS[0], None, S.SKUS[1], S.SKUS[0]]
+    expected = [S.SKUS[0], S.SKUS[1], S.SKUS[2], S.SKUS[3], S.SKUS[2], S.SKUS[1],
+                S.SKUS[2], S.SKUS[3], S.SKUS[0], S.SKUS[1], S.SKUS[2], S.SKUS[0]]
+    frames = Frames(lambda: planograms(S.planogram("cam-1", expected, rows=2)))
     limits = DecodeLimits()
-    shelf = decode_record(record(0, S.frame(contents, rows=2, facing=facing)), (224, 224), limits, frames=frames)
-    assert isinstance(shelf, DecodedPhoto)
-    assert tuple(shelf.pixels.shape) == shape
+    shelf = decode_record(record(0, S.frame(contents, rows=2)), (224, 224), limits, frames=frames)
     whole_rec = record(1, P.encode(S.reference(S.SKUS[2]), "JPEG", quality=95), key=b"close-up")
     whole = decode_record(whole_rec, (224, 224), limits, frames=frames)
     poison = decode_record(record(2, b"junk"), (224, 224), limits, frames=frames)
@@ -186,17 +174,3 @@ async def test_facings_of_a_frame_span_batches_and_make_one_event_per_photo(reco
     # 12 + 1 + 12 units in batches of 8: the first frame's last 4 facings share a batch with the close-up.
     assert metrics.registry.get_sample_value("shelfmatch_stage_latency_seconds_count", {"stage": "embed"}) == 4
     assert dict(first[0].facings) == {"ok": 9, "empty": 2, "wrong-product": 1}
-
-
-async def test_facings_cut_when_decoded_give_the_same_event_as_facings_cut_by_the_model_stage(recognizer):
-    """On a CPU the service cuts facings in the decode thread (off the model thread): the same
-    pixels, so the same scores, to the last bit."""
-    frames = {cut: Frames(lambda: planograms(S.planogram("cam-1", EXPECTED, rows=2)), cut_when_decoded=cut)
-              for cut in (False, True)}
-    data = S.frame(CONTENTS, rows=2, facing=240)
-    events = {}
-    for cut, how in frames.items():
-        decoded = decode_record(record(0, data), (224, 224), DecodeLimits(), frames=how)
-        outcomes, _ = await run_process(recognizer, [[(record(0, b""), decoded)]], batch_size=8)
-        events[cut] = ComplianceEvent.model_validate_json(outcomes[0].records[0].value)
-    assert [f.model_dump() for f in events[True].facings] == [f.model_dump() for f in events[False].facings]

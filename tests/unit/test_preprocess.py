@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from catalog.errors import ImageRejected
-from catalog.preprocess import DecodeLimits, decode, sniff_format
+from catalog.preprocess import DecodeLimits, _libjpeg, decode, sniff_format
 from tests import photos as P
 
 SIZE = (224, 224)
@@ -72,6 +72,7 @@ def test_a_plain_jpeg_decodes_to_pillow_s_exact_pixels():
         with Image.open(io.BytesIO(data)) as img:
             expected = np.asarray(img.convert("RGB"))
             size = img.size
+            assert _libjpeg(img, data, size) is not None  # this photo takes that path
         got = decode(data, size).pixels.permute(1, 2, 0).numpy()
         assert np.array_equal(got, expected)
 

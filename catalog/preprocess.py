@@ -145,8 +145,8 @@ def _decode_opened(
             # pixels are (3, H, W) over (H, W, 3) memory. Seen as a batch of one with its batch
             # stride at 3, torch resizes them into contiguous (3, h, w), which the model stage stacks
             # by plain copies (photos); seen with the whole image as batch stride, channels last, it
-            # resizes in half the time for large images and stays channels last, which the facing
-            # cut reads fastest (frames).
+            # resizes large images faster and stays channels last, which the facing cut reads
+            # fastest (frames).
             batch = pixels.permute(1, 2, 0)[None].permute(0, 3, 1, 2) if frame else pixels.unsqueeze(0)
             pixels = resized(batch, size)[0]
         return Decoded(pixels, width, height)
@@ -159,9 +159,8 @@ def _decode_opened(
 def _libjpeg(img: Image.Image, data: bytes, size: tuple[int, int]) -> torch.Tensor | None:
     """A plain JPEG (:func:`probe_plain_jpeg`) that Pillow's ``draft`` would not shrink for
     ``size``, decoded by torchvision's libjpeg-turbo: the same decoder and settings as Pillow's,
-    without Pillow's copies (6.2 ms against 8 ms for a 1600x800 frame on one core). None leaves it
-    to Pillow: any other image, and one that torchvision refuses (Pillow then decodes it or gives
-    the reason)."""
+    without Pillow's copies (bench/decode.py). None leaves it to Pillow: any other image, and one
+    that torchvision refuses (Pillow then decodes it or gives the reason)."""
     side = max(size)
     if min(img.width // side, img.height // side) >= 2 or _plain_jpeg(img, data, size) is None:
         return None
@@ -281,9 +280,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def resized(pixels: torch.Tensor, size: tuple[int, int], *, in_float: bool | None = None) -> torch.Tensor:
     """A uint8 batch (N, 3, H, W) at ``size`` = (width, height), antialiased bilinear: Pillow's
     filter, within one grey level. The one resize of photos, frames, facings and joined input
-    sizes. On a CPU it runs on uint8 channels-last, torch's vectorised path (0.3 ms for a 348 px
-    photo to 224 px on one core, 2-3x faster than Pillow's resize); elsewhere (or with
-    ``in_float``) in float, rounded back to uint8, within one grey level of the uint8 result."""
+    sizes. On a CPU it runs on uint8 channels-last, torch's vectorised path, faster than Pillow's
+    (bench/decode.py); elsewhere (or with ``in_float``) in float, rounded back to uint8, within
+    one grey level of the uint8 result."""
     width, height = size
     # Enlarging along both sides, the antialiased filter is plain bilinear (the same pixels,
     # tested), which torch computes in a third less time.

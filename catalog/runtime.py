@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 CpuPrecision = Literal["fp32", "bf16"]
 
+# Photos per inference and thread (OpenVinoNetwork.rows): 8 on 2 threads, where slices of 8, 16 and
+# 32 ran at the same rate and 8 kept the least memory (bench/openvino_slices.py).
+ROWS_PER_THREAD = 4
+
 
 class Network(Protocol):
     """A network ready to run: uint8 pixels (N, 3, H, W) in, float32 unit vectors (N, dim) out."""
@@ -75,13 +79,23 @@ class OpenVinoNetwork:
     stay off by default because beside the catalogue thread, which loads a new catalogue at
     SCHED_IDLE, they made batches slower and starved the load (bench/catalog_load.py;
     docs/performance.md, *OpenVINO streams*). OpenVINO may give fewer streams than asked; the batch
-    is split into as many as it gave."""
+    is split into as many as it gave.
+
+    A batch goes through in slices of at most ``rows`` photos (by default :data:`ROWS_PER_THREAD`
+    per thread), one after the other. An inference request keeps buffers for the largest batch it
+    has run, so the slice, not the service's batch, sets the network's working memory: at 8 rows
+    instead of 32 on 2 threads the service's peak RSS is ~100 MB lower for ResNet-18 fp32, at the
+    same rate (bench/openvino_slices.py; docs/performance.md, *OpenVINO slices*)."""
 
     def __init__(
         self, network: nn.Module, fingerprint: Fingerprint, *, precision: CpuPrecision, threads: int,
-        cache_dir: Path | None = None, streams: int = 1,
+        cache_dir: Path | None = None, streams: int = 1, rows: int | None = None,
     ) -> None:
         import openvino as ov
+
+        if rows is not None and rows < 1:
+            raise ValueError(f"rows must be at least 1, not {rows}")
+        self.rows = rows or ROWS_PER_THREAD * max(1, threads)
 
         if precision == "bf16" and not native_bf16():
             raise ValueError("precision 'bf16' on this CPU would be emulated (no AVX512_BF16 or AMX); use fp32")
@@ -160,11 +174,20 @@ class OpenVinoNetwork:
                     leftover.unlink()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Vectors for ``pixels``: contiguous slices of rows, as even as possible, one per stream
-        (fewer for a batch smaller than the streams), inferred at once; rows are independent."""
-        # share_inputs: OpenVINO reads the tensor's memory in place; the outputs are copied out of
-        # the requests' buffers, which the next inference overwrites.
+        """Vectors for ``pixels``, a slice of at most :attr:`rows` photos at a time (rows are
+        independent)."""
+        # share_inputs (below): OpenVINO reads the array's memory in place, and a slice of whole
+        # rows of a C-contiguous array is contiguous too.
         array = np.ascontiguousarray(pixels.numpy())
+        if len(array) <= self.rows:
+            return torch.from_numpy(self._infer(array))
+        return torch.from_numpy(np.concatenate([self._infer(array[i:i + self.rows])
+                                                for i in range(0, len(array), self.rows)]))
+
+    def _infer(self, array: np.ndarray) -> np.ndarray:
+        """One slice: contiguous parts of its rows, as even as possible, one per stream (fewer for a
+        slice smaller than the streams), inferred at once. The outputs are copied out of the
+        requests' buffers, which the next inference overwrites."""
         parts = np.array_split(array, min(self.streams, len(array))) if len(array) else [array]
         started: list = []
         failed: list[RuntimeError] = []
@@ -181,4 +204,4 @@ class OpenVinoNetwork:
         if failed:
             raise failed[0]
         outputs = [request.get_output_tensor(0).data for request in started]
-        return torch.from_numpy(np.concatenate(outputs) if len(outputs) > 1 else outputs[0].copy())
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0].copy()

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,15 +231,15 @@ def _read(path: Path, *, hash_embeddings: hashlib._Hash) -> tuple[str | None, di
         raw = (f.metadata() or {}).get("shelfmatch")
         tensors = {}
         for name in f.keys():
-            stored, expected = f.get_slice(name).get_dtype(), EXPECTED_DTYPES.get(name)
+            view = f.get_slice(name)
+            stored, expected = view.get_dtype(), EXPECTED_DTYPES.get(name)
             if expected is not None and stored != expected:  # checked before a byte is read
                 raise ValueError(f"{name} is {stored}, expected {expected}")
-            tensors[name] = _read_tensor(f, name, hash_embeddings if name == "embeddings" else None)
+            tensors[name] = _read_tensor(f, name, view, hash_embeddings if name == "embeddings" else None)
         return raw, tensors
 
 
-def _read_tensor(f: safe_open, name: str, hasher: hashlib._Hash | None) -> np.ndarray:
-    view = f.get_slice(name)
+def _read_tensor(f: safe_open, name: str, view: Any, hasher: hashlib._Hash | None) -> np.ndarray:
     shape = view.get_shape()
     if len(shape) == 0 or shape[0] == 0:
         out = f.get_tensor(name)

@@ -501,9 +501,10 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("--seed", type=int, default=1, help="seed of the composed frames (eval uses 2)")
     cc.add_argument("--target-precision", type=float, default=0.95,
                     help="least share of right 'wrong-product' calls (default 0.95)")
+    # The default is catalog.compliance.CALIBRATION_CONFIDENCE (tested; not imported: --help stays free of torch).
     cc.add_argument("--confidence", type=_confidence, default=0.99,
                     help="confidence with which the precision must reach the target on these frames (its "
-                    "one-sided lower bound; default 0.99, needs ~30 frames; 0: the precision observed)")
+                    "one-sided lower bound; default %(default)s, needs ~30 frames; 0: the precision observed)")
     cc.add_argument("--out", help="catalogue file to write (default: update --catalog in place)")
     cc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     cc.set_defaults(func=_catalog_calibrate_compliance)

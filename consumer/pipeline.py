@@ -54,7 +54,7 @@ from PIL import Image as PILImage
 
 from catalog.embedder import Embedder
 from catalog.jpeg_batch import JpegBatchDecoder
-from catalog.matcher import Match, Matcher
+from catalog.matcher import Matcher
 from catalog.models import Fingerprint
 from catalog.preprocess import DecodeLimits, decode, probe_plain_jpeg
 from catalog.store import Calibration, Catalog, ComplianceCalibration
@@ -181,20 +181,6 @@ class Recognizer:
             result[i] = DecodedPhoto(pixels=pixels, fields=photo.fields, width=photo.width, height=photo.height,
                                      decode_s=photo.decode_s + spent)
         return [r for r in result if r is not None], fallbacks
-
-    def __call__(self, images: list[torch.Tensor], serving: Serving | None = None) -> tuple[list[Match], float, float]:
-        """Embed and match decoded photos (uint8 (3, H, W) each, on the CPU or the device) against
-        ``serving`` (by default the catalogue serving now)."""
-        matcher = (serving or self.serving).matcher
-        start = time.perf_counter()
-        if any(img.device != images[0].device for img in images):
-            images = [img.to(self.embedder.device) for img in images]
-        vectors = self.embedder.embed(torch.stack(images))
-        if vectors.device.type == "cuda":
-            torch.cuda.synchronize(vectors.device)
-        embedded = time.perf_counter()
-        matches = matcher.match(vectors)
-        return matches, embedded - start, time.perf_counter() - embedded
 
 
 async def finish_decoding(

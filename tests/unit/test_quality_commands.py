@@ -165,3 +165,11 @@ def test_a_confidence_below_one_half_or_at_one_is_refused():
     for bad in ("0.3", "1", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             _confidence(bad)
+
+
+def test_calibrate_compliance_defaults_to_the_confidence_the_library_calibrates_with():
+    from catalog.compliance import CALIBRATION_CONFIDENCE
+    from consumer.cli import parser
+
+    args = parser().parse_args(["catalog", "calibrate-compliance", "--catalog", "c.safetensors"])
+    assert args.confidence == CALIBRATION_CONFIDENCE

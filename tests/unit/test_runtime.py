@@ -153,6 +153,41 @@ def test_a_batch_split_across_streams_gives_each_row_the_vector_it_gets_alone(tm
     assert torch.allclose(first, alone[:2], atol=1e-5)
 
 
+def test_a_batch_larger_than_a_slice_runs_slice_by_slice_and_gives_each_row_its_own_vector(tmp_path):
+    """A batch of more than ``rows`` photos goes through in slices (each split across the streams),
+    put back in order; the default slice grows with the threads."""
+    from catalog.runtime import ROWS_PER_THREAD
+
+    small = load_backbone("mobilenet_v3_small", weights="none", input_size=64)
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)
+    plain = Embedder(small, "cpu", execution="openvino", precision="fp32", cache_dir=tmp_path)
+    assert plain._run.rows == ROWS_PER_THREAD * torch.get_num_threads()  # type: ignore[attr-defined]
+    whole = plain._run(pixels)
+    for streams in (1, 2):
+        network = OpenVinoNetwork(plain._net, small.fingerprint, precision="fp32", threads=2, streams=streams,
+                                  cache_dir=tmp_path, rows=2)
+        calls: list[int] = []  # the rows of each inference started
+
+        class Counting:
+            def __init__(self, request, calls: list[int]) -> None:
+                self.request, self.calls = request, calls
+
+            def start_async(self, inputs, **kwargs) -> None:
+                self.calls.append(len(inputs[0]))
+                self.request.start_async(inputs, **kwargs)
+
+            def __getattr__(self, name: str):
+                return getattr(self.request, name)
+
+        network._requests = [Counting(r, calls) for r in network._requests]
+        out = network(pixels)
+        assert torch.allclose(out, whole, atol=1e-5), streams
+        assert sum(calls) == 7 and max(calls) <= 2 and len(calls) >= 4, calls
+    with pytest.raises(ValueError, match="rows"):
+        OpenVinoNetwork(plain._net, small.fingerprint, precision="fp32", threads=2, cache_dir=tmp_path, rows=0)
+
+
 def test_joined_sizes_reuse_the_networks_converted_for_one_size_catalogues(tmp_path):
     """Each size of a joined catalogue runs the network a one-size catalogue at that size runs, so
     its converted file is shared rather than converted again."""

@@ -395,6 +395,7 @@ def main() -> int:
                "load_average": os.getloadavg()[0],
                "torch_threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join([".venv/bin/python", "bench/e2e.py", *sys.argv[1:]]),
                "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                         cwd=ROOT).stdout.strip()}
     Path(args.out).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")

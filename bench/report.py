@@ -209,7 +209,8 @@ def e2e_section(data: dict) -> list[str]:
         "",
         f"{m['cores']} CPU cores ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, device "
         f"{m['device']}, {m['date']}, commit {m['commit']}. Batch size 32, weights `none` (same compute as ImageNet "
-        "weights). Store photos: the 50 demo photos (348x348, ~20 kB); full HD: generated 1920x1080 shelf frames.",
+        "weights). Store photos: the 50 demo photos (348x348, ~20 kB); full HD: generated 1920x1080 shelf frames."
+        + (f" Command: `{m['command']}`." if "command" in m else ""),
         "",
     ]
     if "cpu_flags" in m:

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 CpuPrecision = Literal["fp32", "bf16"]
 
-# Photos per inference and thread (OpenVinoNetwork.rows): 8 on 2 threads, where slices of 8, 16 and
-# 32 ran at the same rate and 8 kept the least memory (bench/openvino_slices.py).
+# Photos per inference and thread (OpenVinoNetwork.rows): on 2 threads, slices of 8 ran 1.03-1.21x
+# as fast as slices of 32 and kept 58-228 MB less memory; 4 gained little more (bench/openvino_slices.py).
 ROWS_PER_THREAD = 4
 
 
@@ -83,9 +83,8 @@ class OpenVinoNetwork:
 
     A batch goes through in slices of at most ``rows`` photos (by default :data:`ROWS_PER_THREAD`
     per thread), one after the other. An inference request keeps buffers for the largest batch it
-    has run, so the slice, not the service's batch, sets the network's working memory: at 8 rows
-    instead of 32 on 2 threads the service's peak RSS is ~100 MB lower for ResNet-18 fp32, at the
-    same rate (bench/openvino_slices.py; docs/performance.md, *OpenVINO slices*)."""
+    has run, so the slice, not the service's batch, sets the network's working memory; the smaller
+    activations also stay in cache (docs/performance.md, *OpenVINO slices*)."""
 
     def __init__(
         self, network: nn.Module, fingerprint: Fingerprint, *, precision: CpuPrecision, threads: int,

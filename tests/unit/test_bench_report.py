@@ -103,3 +103,18 @@ def test_the_targets_read_auto_precision_as_the_default_and_no_rows_as_unknown()
     assert rows["store photos: Lite0 >= 4x today's service (bf16, its default here)"].endswith("| 5.00x | met |")
     assert rows[">= 3x the naive consumer (defaults, store photos)"].endswith("| efficientnet_lite0 25.0x | met |")
     assert rows["fp32 forced: Lite0 >= 2.5x, ResNet-18 >= 1.25x"].endswith("| 3.00x, - | - |")
+
+
+def test_the_drain_rate_leaves_out_the_first_batch_whose_end_opens_the_window() -> None:
+    """Events leave in bursts, one per batch: 8 batches of 32, one every 100 ms, are 320 photos/s,
+    not the 364 that all 256 events over the 700 ms from the first to the last would give."""
+    from types import SimpleNamespace
+
+    from bench.e2e import rate_of
+
+    bursts = [SimpleNamespace(timestamp=1_000 + 100 * b + i % 3) for b in range(8) for i in range(32)]
+    assert rate_of(bursts) == pytest.approx(320, rel=0.01)  # 224 photos in 702 ms: the bursts take 2 ms
+    one_at_a_time = [SimpleNamespace(timestamp=1_000 + 40 * i) for i in range(11)]  # the naive consumer
+    assert rate_of(one_at_a_time) == pytest.approx(25, rel=1e-6)
+    with pytest.raises(ValueError, match="no rate"):
+        rate_of(bursts[:32])

@@ -5,7 +5,8 @@ For each backbone, photo size and CPU execution (torch eager, today's path; Open
 bf16), measured in the same run on the same machine:
 
 - model alone: the embedder on pre-decoded uint8 tensors at the service's batch size, the best of
-  three rounds before the service drains its backlog and three after;
+  three rounds before the service starts and three after it has stopped (its network stays loaded
+  in this process meanwhile, idle);
 - service, maximum: a backlog of photos drained by `shelfmatch consume` (from the first event to the
   last, without the first batch's events: see ``rate_of``);
 - naive reference consumer (bench/naive_consumer.py): one message at a time;
@@ -30,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -164,20 +166,16 @@ async def collect(bootstrap: str, topic: str, n: int, timeout_s: float = 900) ->
     return records
 
 
-# Events of one batch are sent together, within a few ms; the next batch's come a batch time later.
-BURST_MS = 5
-
-
-def rate_of(records: list) -> float:
-    """Events/s from their timestamps: the events after the first burst (the first batch's), over
-    the time from the first event to the last. The service publishes a batch's events together, so
-    the window opens when the first batch is done: counting that batch's events in it would credit
-    one batch too many (a backlog of 8 batches read as 8 in the time of 7, 1.14x). One event at a
-    time, as from the naive consumer, is a burst of one."""
+def rate_of(records: list, *, first: int = BATCH) -> float:
+    """Events/s from their timestamps: the events after the ``first`` earliest, over the time from the
+    first event to the last. A service publishes each input batch's events together (under
+    exactly-once, one transaction per partition), so the window opens only once the first batch is
+    done: counting that batch's events in it would credit one batch too many (a backlog of 8 batches
+    read as 8 in the time of 7, 1.14x). Under a backlog the first batch is full, ``BATCH`` photos;
+    the naive consumer publishes one at a time (``first=1``)."""
     stamps = sorted(r.timestamp for r in records)
-    first = sum(1 for s in stamps if s - stamps[0] <= BURST_MS)
-    if first == len(stamps):
-        raise ValueError(f"all {len(stamps)} events within {BURST_MS} ms: no rate can be read from them")
+    if len(stamps) <= first or stamps[-1] == stamps[0]:
+        raise ValueError(f"{len(stamps)} events, the first {first} left out: no rate can be read from them")
     return (len(stamps) - first) / ((stamps[-1] - stamps[0]) / 1000)
 
 
@@ -319,12 +317,6 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
 
     drained = asyncio.run(drain())
     result["service_img_s"] = rate_of(drained)
-    # The model alone is measured on each side of the drain, its best kept: the machine's speed drifts
-    # over minutes, and a figure from one side only could catch a slow spell the drain did not.
-    after = alone.rate()
-    result["model_alone_img_s"] = max(before, after)
-    result["model_alone_runs_img_s"] = [before, after]
-    print(f"[{run}] model alone: {before:.1f} before the drain, {after:.1f} after", flush=True)
     result["drain_cpu_cores"] = service.cpu.shares(*event_window(drained))
     result["batch_service_s"] = service.batch_service_s()
     result["service_peak_rss_mb"] = service.peak_rss / 1e6
@@ -357,6 +349,12 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
               f"cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), flush=True)
     result["service_peak_rss_mb"] = service.peak_rss / 1e6
     service.stop()
+    # The model alone again, with the service gone, its best of both sides kept: the machine's speed
+    # drifts over minutes, and a figure from one side only could catch a slow spell the drain did not.
+    after = alone.rate()
+    result["model_alone_img_s"] = max(before, after)
+    result["model_alone_runs_img_s"] = [before, after]
+    print(f"[{run}] model alone: {before:.1f} before the service, {after:.1f} after", flush=True)
     return result
 
 
@@ -370,7 +368,7 @@ def naive(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> f
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "naive_consumer.py"), "--bootstrap", bootstrap,
                              "--input", ntopic, "--output", nout, "--group", f"naive-{run}", "--catalog", str(catalog),
                              "--count", str(args.naive_photos)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    rate = rate_of(asyncio.run(collect(bootstrap, nout, args.naive_photos)))
+    rate = rate_of(asyncio.run(collect(bootstrap, nout, args.naive_photos)), first=1)
     proc.wait(120)
     print(f"[{run}] naive: {rate:.1f} img/s", flush=True)
     return rate
@@ -426,7 +424,7 @@ def main() -> int:
                "load_average": os.getloadavg()[0],
                "torch_threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join([".venv/bin/python", "bench/e2e.py", *sys.argv[1:]]),
+               "command": shlex.join([".venv/bin/python", "bench/e2e.py", *sys.argv[1:]]),
                "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                         cwd=ROOT).stdout.strip()}
     Path(args.out).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")

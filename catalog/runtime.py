@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Literal, Protocol
@@ -82,7 +83,7 @@ class OpenVinoNetwork:
     is split into as many as it gave.
 
     A batch goes through in slices of at most ``rows`` photos (by default :data:`ROWS_PER_THREAD`
-    per thread), one after the other. An inference request keeps buffers for the largest batch it
+    per thread with one stream; the whole batch with several), one after the other. An inference request keeps buffers for the largest batch it
     has run, so the slice, not the service's batch, sets the network's working memory; the smaller
     activations also stay in cache (docs/performance.md, *OpenVINO slices*)."""
 
@@ -94,7 +95,8 @@ class OpenVinoNetwork:
 
         if rows is not None and rows < 1:
             raise ValueError(f"rows must be at least 1, not {rows}")
-        self.rows = rows or ROWS_PER_THREAD * max(1, threads)
+        # Streams split a whole batch between them by default, as bench/openvino_streams.py measured them.
+        self.rows = rows or (ROWS_PER_THREAD * max(1, threads) if streams == 1 else sys.maxsize)
 
         if precision == "bf16" and not native_bf16():
             raise ValueError("precision 'bf16' on this CPU would be emulated (no AVX512_BF16 or AMX); use fp32")

@@ -82,10 +82,11 @@ class OpenVinoNetwork:
     docs/performance.md, *OpenVINO streams*). OpenVINO may give fewer streams than asked; the batch
     is split into as many as it gave.
 
-    A batch goes through in slices of at most ``rows`` photos (by default :data:`ROWS_PER_THREAD`
-    per thread with one stream; the whole batch with several), one after the other. An inference request keeps buffers for the largest batch it
-    has run, so the slice, not the service's batch, sets the network's working memory; the smaller
-    activations also stay in cache (docs/performance.md, *OpenVINO slices*)."""
+    A batch goes through in slices of at most ``rows`` photos, one after the other: by default
+    :data:`ROWS_PER_THREAD` per thread with one stream, the whole batch with several. An inference
+    request keeps buffers for the largest batch it has run, so the slice, not the service's batch,
+    sets the network's working memory; the smaller activations also stay in cache
+    (docs/performance.md, *OpenVINO slices*)."""
 
     def __init__(
         self, network: nn.Module, fingerprint: Fingerprint, *, precision: CpuPrecision, threads: int,

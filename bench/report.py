@@ -225,8 +225,8 @@ def e2e_section(data: dict) -> list[str]:
     lines += [
         "| model | photos | execution | model alone img/s | service img/s | service / model | service / eager "
         "| naive img/s | service / naive | model alone / naive | peak RSS MB "
-        "| cores used while draining: service / broker / collector |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cores used while draining: service / broker / collector | core-ms per photo: service / model alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # Today's path (torch eager) is the baseline of the other executions measured in the same run.
     eager = {(r["model"], r["size"]): r["service_img_s"] for r in data["results"] if _execution(r) == "eager"}
@@ -238,7 +238,8 @@ def e2e_section(data: dict) -> list[str]:
             f"{r['model_alone_img_s']:.1f} | {r['service_img_s']:.1f} | "
             f"{r['service_img_s'] / r['model_alone_img_s']:.0%} | {versus} | {r['naive_img_s']:.1f} | "
             f"{r['service_img_s'] / r['naive_img_s']:.1f}x | {r['model_alone_img_s'] / r['naive_img_s']:.1f}x | "
-            f"{r['service_peak_rss_mb']:.0f} | {_cores(r.get('drain_cpu_cores'))} |"
+            f"{r['service_peak_rss_mb']:.0f} | {_cores(r.get('drain_cpu_cores'))} | "
+            f"{_core_ms(r, m['torch_threads'])} |"
         )
     lines += [
         "",
@@ -246,7 +247,11 @@ def e2e_section(data: dict) -> list[str]:
         'same model cannot beat the model alone by more than the measurement\'s noise, so "model alone / naive" '
         'is about the ceiling for "service / naive" on this machine. The model alone runs with nothing else '
         "of the benchmark's running; while the service drains, the broker and the benchmark's collector of "
-        "events run on the same cores (the last column: cores used between the first and the last event).",
+        "events run on the same cores (cores used between the first and the last event). The last column "
+        "divides the service's cores by its rate, and the model alone's threads by its rate as if both were "
+        "busy all the time: OpenVINO's are, nearly (its difference is what the service spends per photo around "
+        "the network: decoding, Kafka, batching, events); eager torch's are not, so its model-alone figure is "
+        "an upper bound.",
         "",
         "Latency at offered loads (input record timestamp to the event's publish timestamp):",
         "",
@@ -359,11 +364,22 @@ def cpu_runtime_targets(results: list[dict]) -> list[str]:
         "The cores-used columns say where the missing share goes on this machine: the broker, the load producer and "
         "the event collector run on the same 2 cores as the service; at 50% load with the network on OpenVINO they "
         "leave the service less than the model needs for twice that rate, so the p99 there measures a full "
-        "machine, not the service's queueing (a deployment has its brokers and cameras elsewhere). Full HD is "
-        "decode-bound with the faster network: Pillow's draft decode of a 1920x1080 JPEG to 1/4 scale costs "
-        "about 6-8 ms of one core, several times the network's share of a photo.",
+        "machine, not the service's queueing (a deployment has its brokers and cameras elsewhere). The core-ms "
+        "column says why the service reaches less than 90% of the model alone with OpenVINO: what it does around "
+        "the network per photo (decoding, 0.55 ms of one core for a store photo, section *Decoding*; fetching, "
+        "batching, events, commits) runs on the same 2 cores, and the faster the network, the larger that "
+        "share. Full HD is decode-bound with the faster network: Pillow's draft decode of a 1920x1080 JPEG to "
+        "1/4 scale and the resize make most of the difference between the two figures of that column, several "
+        "times the network's share of a photo.",
         "",
     ]
+
+
+def _core_ms(r: dict, threads: int) -> str:
+    """CPU milliseconds per photo: the service's while draining, and the model alone's on ``threads``."""
+    service = (r.get("drain_cpu_cores") or {}).get("service")
+    alone = f"{threads * 1e3 / r['model_alone_img_s']:.2f}"
+    return f"{service * 1e3 / r['service_img_s']:.2f} / {alone}" if service else f"- / {alone}"
 
 
 def _cores(shares: dict[str, float] | None) -> str:

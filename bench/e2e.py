@@ -97,7 +97,7 @@ def slug(spec: str) -> str:
 
 class ModelAlone:
     """The embedder on pre-decoded batches of the photos, at the service's batch size, built once so
-    that it can be measured both before and after the service drains its backlog."""
+    that it can be measured both before the service starts and after it has stopped."""
 
     def __init__(self, model: str, photos: list[bytes], execution: str, precision: str) -> None:
         name, scales = parse_model(model)

@@ -1,4 +1,4 @@
-"""OpenVINO's photos per inference: the network's rate and the process's peak memory per slice.
+"""OpenVINO's photos per inference: the network's rate and the serving memory per slice size.
 
 ``OpenVinoNetwork`` runs a batch in slices of at most ``rows`` photos, one after the other; an
 inference request keeps buffers for the largest slice it has run. For each backbone, precision and
@@ -32,9 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-NETWORKS = ROOT / "out" / "bench" / "networks"  # the converted networks bench/e2e.py uses too
-BATCH = 32
-
+from bench.e2e import BATCH, NETWORKS, OUT  # noqa: E402  (the service's batch, the converted networks)
 from catalog.embedder import Embedder  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.runtime import OpenVinoNetwork  # noqa: E402
@@ -116,7 +114,7 @@ def main() -> int:
                                 "rss_mb": rss})
                 print(f"| {model} | {precision} | {r} | {max(measured[r]):.1f} | {median:.1f} | {median / first:.2f} "
                       f"| {rss:.0f} |", flush=True)
-    out = ROOT / "out" / "bench" / "openvino_slices.json"
+    out = OUT / "openvino_slices.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
                                "results": results}, indent=2) + "\n")

@@ -199,7 +199,10 @@ def compression_section(d: dict) -> list[str]:
 def _execution(r: dict) -> str:
     """A row's CPU execution as measured (rows from before the choice existed ran torch eager)."""
     execution = r.get("execution", "eager")
-    return execution if r.get("precision", "auto") == "auto" else f"{execution} {r['precision']}"
+    if r.get("precision", "auto") != "auto":
+        return f"{execution} {r['precision']}"
+    resolved = r.get("resolved_precision")  # rows from before auto was measured do not say
+    return f"{execution} (auto: {resolved})" if execution == "openvino" and resolved else execution
 
 
 def e2e_section(data: dict) -> list[str]:
@@ -218,8 +221,8 @@ def e2e_section(data: dict) -> list[str]:
             f"CPU flags: {' '.join(m['cpu_flags'])}; native bf16 (OpenVINO's report): {m['native_bf16']}; "
             f"OpenVINO {m['openvino']}; load average at the end: {m['load_average']:.1f}"
             f"{' (a contended machine: preliminary numbers)' if m['load_average'] > 0.5 * m['cores'] else ''}. "
-            "`openvino` runs at `auto` precision (bf16 where the CPU has it), `openvino fp32` forces fp32 "
-            "as on a CPU without bf16.",
+            "`openvino` runs at `auto` precision (bf16 where the CPU has it and it measured faster than fp32 at "
+            "start), `openvino fp32` forces fp32 as on a CPU without bf16.",
             "",
         ]
     lines += [
@@ -286,8 +289,8 @@ def cpu_runtime_targets(results: list[dict]) -> list[str]:
 
     def row(model: str, size: str, execution: str) -> dict | None:
         r = rows.get((model, size, execution))
-        if r is None and execution == bf16:  # run at auto precision: bf16 on a CPU that has it
-            r = rows.get((model, size, "openvino"))
+        if r is None and execution == bf16:  # run at auto precision, bf16 there (older rows: bf16 if native)
+            r = rows.get((model, size, "openvino")) or rows.get((model, size, "openvino (auto: bf16)"))
         return r
 
     def speedup(model: str, size: str, execution: str) -> float | None:

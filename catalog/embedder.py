@@ -16,9 +16,10 @@ several times faster (bench/gpu.py measures each):
 
 On a CPU, ``execution="openvino"`` runs the same network on OpenVINO (:mod:`catalog.runtime`),
 converted once and kept on disk under ``cache_dir``; its ``precision="auto"`` is bf16 where the
-CPU computes bf16 natively and the backbone's bf16 kept its verdicts (``LoadedBackbone.cpu_bf16``),
-fp32 elsewhere (torch's own bf16 on a CPU measured several times slower than its fp32, so eager
-stays fp32).
+CPU computes bf16 natively, the backbone's bf16 kept its verdicts (``LoadedBackbone.cpu_bf16``) and
+bf16 measured faster than fp32 on this CPU (:func:`catalog.runtime.fastest_precision`: on some CPUs
+with native bf16 it is slower), fp32 elsewhere (torch's own bf16 on a CPU measured several times
+slower than its fp32, so eager stays fp32).
 
 ``auto`` picks bf16 + CUDA graphs on a GPU and OpenVINO on a CPU (compiling with torch on a small
 CPU costs minutes of start-up for little gain).
@@ -41,7 +42,7 @@ from torch.nn import functional as F
 
 from catalog.models import Fingerprint, LoadedBackbone
 from catalog.preprocess import resized
-from catalog.runtime import CpuPrecision, Network, OpenVinoNetwork, native_bf16
+from catalog.runtime import CpuPrecision, Network, OpenVinoNetwork, PrecisionChoice, fastest_precision, native_bf16
 
 Precision = Literal["auto", "fp32", "bf16"]
 Execution = Literal["auto", "eager", "cuda-graph", "compile", "openvino"]
@@ -145,6 +146,8 @@ class Embedder:
             resolved: CpuPrecision = "bf16" if gpu_bf16 or cpu_bf16 else "fp32"
         else:
             resolved = precision
+        # On a CPU where bf16 is a candidate, ``auto`` measures it against fp32 (below).
+        self.precision_choice: PrecisionChoice | None = None
         self.precision = resolved
         self.batch_size = batch_size
         self.fingerprint: Fingerprint = backbone.fingerprint
@@ -157,7 +160,11 @@ class Embedder:
         # (measured in docs/performance.md).
         self._net = net.to(self.device).eval().to(memory_format=torch.channels_last)
         self._run: Network = self._net
-        if openvino and not scales:
+        if openvino and not scales and precision == "auto" and resolved == "bf16":
+            self._run, self.precision_choice = fastest_precision(
+                net, self.fingerprint, threads=torch.get_num_threads(), batch_size=batch_size, cache_dir=cache_dir)
+            self.precision = self.precision_choice.precision
+        elif openvino and not scales:
             self._run = OpenVinoNetwork(net, self.fingerprint, precision=resolved,
                                         threads=torch.get_num_threads(), cache_dir=cache_dir)
         elif scales:
@@ -203,7 +210,8 @@ class Embedder:
         return self.execution in ("cuda-graph", "compile")
 
     def describe(self) -> str:
-        return f"{self.precision} {self.execution}" + (f" (batch {self.batch_size})" if self.fixed_batch else "")
+        said = f"{self.precision} {self.execution}" + (f" (batch {self.batch_size})" if self.fixed_batch else "")
+        return said + (f" ({self.precision_choice.describe()})" if self.precision_choice else "")
 
     def warm_up(self) -> float:
         """Compile / capture / allocate for the configured batch size; returns the seconds it took.

@@ -6,7 +6,10 @@ backbone, the L2 normalisation and the head are all inside the one network that 
 
 OpenVINO is the CPU runtime (measured against torch and onnxruntime on the same cores,
 docs/performance.md): its CPU plugin fuses the whole network into oneDNN primitives and, on a
-CPU with native bf16 (AVX512_BF16, AMX), runs it in bfloat16, twice its own fp32 rate. The torch
+CPU with native bf16 (AVX512_BF16, AMX), can run it in bfloat16. Whether that is faster depends on
+the CPU: 1.9x its own fp32 rate on an AMD EPYC with AVX512_BF16, 0.6-0.7x on an Intel Xeon that has
+AVX512_BF16 without AMX (both measured, docs/performance.md), so :func:`fastest_precision` times
+both on the CPU it runs on and keeps the answer beside the converted network. The torch
 module is converted once (``openvino.convert_model`` traces it directly, no ONNX file) and the
 result is kept on disk, keyed by the catalogue's fingerprint and the OpenVINO version, so later
 starts read it instead of converting again. The fingerprint check is not loosened by this: the
@@ -22,8 +25,11 @@ import inspect
 import json
 import logging
 import os
+import platform
 import sys
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -41,6 +47,12 @@ CpuPrecision = Literal["fp32", "bf16"]
 # as fast as slices of 32 and kept 58-228 MB less memory; 4 gained little more (bench/openvino_slices.py).
 ROWS_PER_THREAD = 4
 
+# ``auto`` takes bf16 only where it measured at least this much faster than fp32 on this CPU: its
+# vectors differ slightly from torch's (parity, tests/unit/test_runtime.py), fp32's do not, and a
+# start-up measurement on a busy node has some noise. Measured: 1.9x (AMD EPYC), 0.6-0.7x (an Intel
+# Xeon without AMX), so the margin decides nothing on either.
+BF16_MIN_SPEEDUP = 1.1
+
 
 class Network(Protocol):
     """A network ready to run: uint8 pixels (N, 3, H, W) in, float32 unit vectors (N, dim) out."""
@@ -54,6 +66,17 @@ def native_bf16() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def cpu_identity() -> str:
+    """A short hash of what a speed measured on this CPU depends on: its model name and its flags
+    (what oneDNN picks its kernels by; a hypervisor that hides AMX changes the flags)."""
+    text = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags", "Features", "CPU part")  # x86, then arm64's names
+        text = "\n".join(next((ln for ln in lines if ln.startswith(name)), "") for name in wanted)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def cache_key(fingerprint: Fingerprint, network: nn.Module) -> str:
@@ -207,3 +230,86 @@ class OpenVinoNetwork:
             raise failed[0]
         outputs = [request.get_output_tensor(0).data for request in started]
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0].copy()
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What ``auto`` chose on this CPU, and the rates it chose by (img/s of a full batch)."""
+
+    precision: CpuPrecision
+    img_s: dict[str, float]
+    measured_now: bool  # False: read from the record a previous start left in the network cache
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{p} {self.img_s[p]:.0f}" for p in ("bf16", "fp32") if p in self.img_s)
+        return f"auto: {rates} img/s{'' if self.measured_now else ' when first measured'}"
+
+
+def fastest_precision(
+    network: nn.Module, fingerprint: Fingerprint, *, threads: int, batch_size: int, cache_dir: Path | None = None,
+) -> tuple[OpenVinoNetwork, PrecisionChoice]:
+    """The network compiled at bf16 or fp32, whichever runs faster here (bf16 only by at least
+    :data:`BF16_MIN_SPEEDUP`), for a CPU with native bf16 and a backbone whose bf16 keeps its verdicts.
+
+    The first start on a CPU compiles both and times a full batch of each, alternately, best of
+    three after one untimed run (about a second for EfficientNet-Lite0); the choice is kept in
+    ``cache_dir`` per converted network, CPU (:func:`cpu_identity`) and thread count, so later starts
+    compile only the one chosen. A record that is unreadable is measured again."""
+    record = None
+    if cache_dir is not None:
+        record = cache_dir / f"{cache_key(fingerprint, network)}.{cpu_identity()}-{threads}t.precision.json"
+    known = _read_choice(record) if record is not None else None
+    if known is not None:
+        return OpenVinoNetwork(network, fingerprint, precision=known.precision, threads=threads,
+                               cache_dir=cache_dir), known
+    width, height = fingerprint.preprocessing.size
+    sample = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    candidates = {p: OpenVinoNetwork(network, fingerprint, precision=p, threads=threads, cache_dir=cache_dir)
+                  for p in ("bf16", "fp32")}
+    best = dict.fromkeys(candidates, float("inf"))
+    for net in candidates.values():
+        net(sample)  # the first inference allocates
+    for _ in range(3):
+        for precision, net in candidates.items():
+            start = time.perf_counter()
+            net(sample)
+            best[precision] = min(best[precision], time.perf_counter() - start)
+    img_s = {p: batch_size / seconds for p, seconds in best.items()}
+    chosen = faster(img_s)
+    log.info("OpenVINO on this CPU at batch %d: bf16 %.0f img/s, fp32 %.0f img/s: %s", batch_size,
+             img_s["bf16"], img_s["fp32"], chosen)
+    if record is not None:
+        _write_choice(record, chosen, img_s)
+    return candidates[chosen], PrecisionChoice(chosen, img_s, measured_now=True)
+
+
+def faster(img_s: dict[str, float]) -> CpuPrecision:
+    """bf16 if it ran at least :data:`BF16_MIN_SPEEDUP` times fp32's rate, else fp32."""
+    return "bf16" if img_s["bf16"] >= BF16_MIN_SPEEDUP * img_s["fp32"] else "fp32"
+
+
+def _read_choice(record: Path) -> PrecisionChoice | None:
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+        precision, img_s = data["precision"], {str(p): float(r) for p, r in data["img_s"].items()}
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision {precision!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("precision record %s is unreadable (%s); measuring again", record, exc)
+        return None
+    return PrecisionChoice(precision, img_s, measured_now=False)
+
+
+def _write_choice(record: Path, precision: CpuPrecision, img_s: dict[str, float]) -> None:
+    tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex}")
+    try:
+        tmp.write_text(json.dumps({"precision": precision, "img_s": img_s,
+                                   "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        os.replace(tmp, record)
+    except OSError as exc:  # as for the network itself: measured again at the next start, no more
+        log.warning("could not keep the precision measured in %s (%s)", record.parent, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -121,8 +121,8 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=100, description="candidates per event")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto (bf16 on a GPU, and with openvino on a CPU that has native bf16; else fp32) "
-        "| fp32 | bf16"
+        "auto", description="auto (bf16 on a GPU, and with openvino on a CPU that has native bf16 where it "
+        "measured faster than fp32 at first start; else fp32) | fp32 | bf16"
     )
     execution: Literal["auto", "eager", "cuda-graph", "compile", "openvino"] = Field(
         "auto",

@@ -105,6 +105,20 @@ def test_the_targets_read_auto_precision_as_the_default_and_no_rows_as_unknown()
     assert rows["fp32 forced: Lite0 >= 2.5x, ResNet-18 >= 1.25x"].endswith("| 3.00x, - | - |")
 
 
+def test_an_auto_row_says_what_auto_resolved_to_and_counts_as_bf16_only_where_it_was() -> None:
+    """On a CPU where bf16 measured slower, `openvino` at auto runs fp32: not Lite0's bf16 row."""
+    slow_bf16 = {**_row("efficientnet_lite0", "store", "openvino", 250, 260, 1200, 300), "resolved_precision": "fp32"}
+    results = [_row("efficientnet_lite0", "store", "eager", 50, 45, 1400, 100), slow_bf16]
+    assert report._execution(slow_bf16) == "openvino (auto: fp32)"
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in report.cpu_runtime_targets(results)
+            if ln.startswith("| ") and "---" not in ln}
+    assert rows["store photos: Lite0 >= 4x today's service (bf16, its default here)"].endswith("| - |")
+    fast_bf16 = {**slow_bf16, "resolved_precision": "bf16"}
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in report.cpu_runtime_targets([results[0], fast_bf16])
+            if ln.startswith("| ") and "---" not in ln}
+    assert rows["store photos: Lite0 >= 4x today's service (bf16, its default here)"].endswith("| 5.00x | met |")
+
+
 def test_the_drain_rate_leaves_out_the_first_batch_whose_end_opens_the_window() -> None:
     """Events leave in bursts, one per batch: 8 batches of 32, one every 100 ms, are 320 photos/s,
     not the 364 that all 256 events over the 700 ms from the first to the last would give; that

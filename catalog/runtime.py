@@ -7,8 +7,8 @@ backbone, the L2 normalisation and the head are all inside the one network that 
 OpenVINO is the CPU runtime (measured against torch and onnxruntime on the same cores,
 docs/performance.md): its CPU plugin fuses the whole network into oneDNN primitives and, on a
 CPU with native bf16 (AVX512_BF16, AMX), can run it in bfloat16. Whether that is faster depends on
-the CPU: 1.7-2.0x its own fp32 rate on an AMD EPYC with AVX512_BF16, 0.65-0.72x on an Intel Xeon that has
-AVX512_BF16 without AMX (both measured, docs/performance.md), so :func:`fastest_precision` times
+the CPU: 1.7-2.0x its own fp32 rate on an AMD EPYC with AVX512_BF16, 0.65-0.72x at the default slices on an
+Intel Xeon that has AVX512_BF16 without AMX (both measured, docs/performance.md), so :func:`fastest_precision` times
 both on the CPU it runs on and keeps the answer beside the converted network. The torch
 module is converted once (``openvino.convert_model`` traces it directly, no ONNX file) and the
 result is kept on disk, keyed by the catalogue's fingerprint and the OpenVINO version, so later
@@ -50,8 +50,9 @@ ROWS_PER_THREAD = 4
 # ``auto`` takes bf16 only where it measured at least this much faster than fp32 on this CPU: its
 # vectors differ slightly from torch's (parity, tests/unit/test_runtime.py), fp32's do not, and a
 # start-up measurement on a busy node has some noise. Measured: 1.7-2.0x (AMD EPYC), 0.65-0.72x (an Intel
-# Xeon without AMX), so the margin decides nothing on either.
+# Xeon without AMX, at the default slices), so the margin decides nothing on either.
 BF16_MIN_SPEEDUP = 1.1
+_clock = time.perf_counter  # what fastest_precision times with (a test gives it a clock of its own)
 
 
 class Network(Protocol):
@@ -71,11 +72,11 @@ def native_bf16() -> bool:
 def cpu_identity() -> str:
     """A short hash of what a speed measured on this CPU depends on: its model name and its flags
     (what oneDNN picks its kernels by; a hypervisor that hides AMX changes the flags)."""
-    text = platform.processor() or platform.machine()
+    text = f"{platform.machine()} {platform.processor()}"
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         wanted = ("model name", "flags", "Features", "CPU part")  # x86, then arm64's names
-        text = "\n".join(next((ln for ln in lines if ln.startswith(name)), "") for name in wanted)
+        text += "\n" + "\n".join(next((ln for ln in lines if ln.startswith(name)), "") for name in wanted)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -252,12 +253,15 @@ def fastest_precision(
     :data:`BF16_MIN_SPEEDUP`), for a CPU with native bf16 and a backbone whose bf16 keeps its verdicts.
 
     The first start on a CPU compiles both and times a full batch of each, alternately, best of
-    three after one untimed run (about a second for EfficientNet-Lite0); the choice is kept in
-    ``cache_dir`` per converted network, CPU (:func:`cpu_identity`) and thread count, so later starts
-    compile only the one chosen. A record that is unreadable is measured again."""
+    three after one untimed run (on 2 cores: a few seconds for EfficientNet-Lite0, more for a
+    ResNet), holding both compiled networks meanwhile; the choice is kept in ``cache_dir`` per
+    converted network, CPU (:func:`cpu_identity`), thread count and batch size, so later starts
+    compile only the one chosen. A record that is unreadable is measured again; deleting it
+    (``*.precision.json``) measures again at the next start."""
     record = None
     if cache_dir is not None:
-        record = cache_dir / f"{cache_key(fingerprint, network)}.{cpu_identity()}-{threads}t.precision.json"
+        name = f"{cache_key(fingerprint, network)}.{cpu_identity()}-{threads}t-{batch_size}b.precision.json"
+        record = cache_dir / name
     known = _read_choice(record) if record is not None else None
     if known is not None:
         return OpenVinoNetwork(network, fingerprint, precision=known.precision, threads=threads,
@@ -272,9 +276,9 @@ def fastest_precision(
         net(sample)  # the first inference allocates
     for _ in range(3):
         for precision, net in candidates.items():
-            start = time.perf_counter()
+            start = _clock()
             net(sample)
-            best[precision] = min(best[precision], time.perf_counter() - start)
+            best[precision] = min(best[precision], _clock() - start)
     img_s = {p: batch_size / seconds for p, seconds in best.items()}
     chosen = faster(img_s)
     log.info("OpenVINO on this CPU at batch %d: bf16 %.0f img/s, fp32 %.0f img/s: %s", batch_size,
@@ -296,7 +300,7 @@ def _read_choice(record: Path) -> PrecisionChoice | None:
         data = json.loads(record.read_text())
         precision, img_s = data["precision"], {str(p): float(r) for p, r in data["img_s"].items()}
         if precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision {precision!r}")
+            raise ValueError(f"precision {precision!r} is neither bf16 nor fp32")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("precision record %s is unreadable (%s); measuring again", record, exc)
         return None

@@ -131,7 +131,8 @@ class Settings(BaseSettings):
     )
     network_cache: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shelfmatch",
-        description="folder where the network converted for OpenVINO is kept, keyed by the catalogue's fingerprint",
+        description="folder where the network converted for OpenVINO is kept, keyed by the catalogue's fingerprint, "
+        "and what auto precision measured on this CPU",
     )
     jpeg_decoder: Literal["auto", "pillow", "device"] = Field(
         "auto", description="auto (device = nvJPEG on a GPU, pillow on a CPU) | pillow | device"

@@ -108,6 +108,64 @@ def test_bf16_is_taken_only_for_a_clear_gain_over_fp32():
     assert faster({"bf16": 65.0, "fp32": 100.0}) == "fp32"  # as measured on an Intel Xeon without AMX
 
 
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_choice_follows_the_rates_and_the_record_on_any_cpu(tmp_path, monkeypatch, caplog):
+    """fastest_precision with networks that take a known time per batch (a clock of their own), so
+    the choice, the record and its validation are tested without native bf16 and without noise."""
+    from catalog import runtime
+
+    clock, cost, built = _Clock(), {"bf16": 0.1, "fp32": 0.2}, []
+
+    class Timed:
+        def __init__(self, network, fingerprint, *, precision, threads, cache_dir=None) -> None:
+            self.precision = precision
+            built.append(precision)
+
+        def __call__(self, pixels):
+            clock.now += cost[self.precision]
+            return pixels
+
+    monkeypatch.setattr(runtime, "OpenVinoNetwork", Timed)
+    monkeypatch.setattr(runtime, "_clock", clock)
+    small = load_backbone("mobilenet_v3_small", weights="none", input_size=32)
+    net = Embedder(small, "cpu", execution="eager")._net
+
+    def choose(cache_dir: Path | None = tmp_path):
+        built.clear()
+        return fastest_precision(net, small.fingerprint, threads=2, batch_size=4, cache_dir=cache_dir)
+
+    network, choice = choose()
+    assert (network.precision, choice.measured_now, built) == ("bf16", True, ["bf16", "fp32"])
+    assert choice.img_s == pytest.approx({"bf16": 40.0, "fp32": 20.0})
+    [record] = tmp_path.glob("*.precision.json")
+    assert record.name.endswith(f".{cpu_identity()}-2t-4b.precision.json")
+    network, known = choose()
+    assert (network.precision, known.measured_now, built) == ("bf16", False, ["bf16"])  # one compilation
+    assert fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)[1].measured_now
+
+    record.write_text(json.dumps({"precision": "int4", "img_s": {}}))
+    cost["bf16"] = 0.21  # bf16 now the slower: the invalid record is measured again, and replaced
+    with caplog.at_level(logging.WARNING, logger="catalog.runtime"):
+        network, again = choose()
+    assert "neither bf16 nor fp32" in caplog.text
+    assert (network.precision, again.measured_now) == ("fp32", True)
+    assert json.loads(record.read_text())["precision"] == "fp32"
+
+    cost["bf16"] = 0.19  # 1.05x fp32: within the margin, fp32
+    assert choose(cache_dir=None)[0].precision == "fp32"
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")
+    with caplog.at_level(logging.WARNING, logger="catalog.runtime"):
+        assert choose(cache_dir=unwritable)[1].measured_now
+    assert "could not keep the precision" in caplog.text
+
+
 def test_auto_takes_bf16_only_where_it_measured_faster_and_keeps_the_answer_per_cpu(tmp_path, caplog):
     if not native_bf16():
         pytest.skip("bf16 is no candidate on a CPU without native bf16")
@@ -119,7 +177,7 @@ def test_auto_takes_bf16_only_where_it_measured_faster_and_keeps_the_answer_per_
     assert choice.precision == faster(choice.img_s) == first.precision
     assert f"bf16 {choice.img_s['bf16']:.0f} img/s" in caplog.text
     [record] = tmp_path.glob("*.precision.json")
-    assert f".{cpu_identity()}-2t." in record.name  # another CPU or thread count measures for itself
+    assert f".{cpu_identity()}-2t-8b." in record.name  # another CPU, thread count or batch measures for itself
 
     again, known = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
     assert (known.measured_now, known.precision, known.img_s) == (False, choice.precision, choice.img_s)
@@ -130,7 +188,7 @@ def test_auto_takes_bf16_only_where_it_measured_faster_and_keeps_the_answer_per_
     record.write_text(json.dumps({"precision": other, "img_s": choice.img_s}))
     pinned, _ = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
     assert pinned.precision == other
-    record.write_text('{"precision": "int4"')
+    record.write_text('{"precision": "fp32"')  # cut short
     with caplog.at_level(logging.WARNING, logger="catalog.runtime"):
         measured, remeasured = fastest_precision(net, small.fingerprint, threads=2, batch_size=8, cache_dir=tmp_path)
     assert remeasured.measured_now and "unreadable" in caplog.text

@@ -11,9 +11,12 @@
   stage), facing batching, embedding, compliance verdicts against the planogram, and the
   ComplianceEvent JSON of every frame. No broker (bench/e2e.py measures Kafka's share).
 
-The target (issue #14) is service >= 90% of the model alone. The two sides run alternated
-``--repeat`` times; printed are the ratio of the best of each side and the median of the
-ratios of each alternated pair (robust to one side's lucky or unlucky run on a shared machine).
+Both sides run with torch's threads as the service sets them (one, beside OpenVINO:
+``consumer.app.leave_cores_to_openvino``). The target (issue #14) is service >= 90% of the model
+alone. The two sides run alternated ``--repeat`` times; printed are the ratio of the best of each
+side and the median of the ratios of each alternated pair (robust to one side's lucky or unlucky
+run on a shared machine), and each run's core-ms per facing (this process's CPU time over its
+facings: what the service spends per facing around the network is the difference).
 Weights are ``none`` (seeded random): speed does not depend on them. Results go to
 out/bench/facings.json.
 """
@@ -46,6 +49,7 @@ from catalog.matcher import Matcher  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.planogram import parse_planogram  # noqa: E402
 from catalog.preprocess import DecodeLimits, decode_frame  # noqa: E402
+from consumer.app import leave_cores_to_openvino  # noqa: E402
 from consumer.batcher import batches  # noqa: E402
 from consumer.facings import Facing, Frames, crop  # noqa: E402
 from consumer.metrics import Metrics  # noqa: E402
@@ -170,6 +174,7 @@ def main() -> None:
     embedder = Embedder(load_backbone(args.model, weights="none"), device, precision="auto", execution="auto",
                         batch_size=args.batch, cache_dir=ROOT / ".cache" / "networks")
     print(f"embedder: {embedder.describe()}", flush=True)
+    leave_cores_to_openvino(embedder)  # as the service does
     frames, skus = shelf_frames(args.frames, args.facings)
     catalog = build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=args.model,
                             weights="none", device=str(device), progress=False)
@@ -179,9 +184,14 @@ def main() -> None:
     x = cut_facings(recognizer, frames, plan, args.batch)
     seconds = args.frames * args.facings / max(1.0, model_alone(recognizer, x, 1.0))
     alone, through = [], []
+    cpu_alone, cpu_through = [], []  # core-ms per facing: the process's CPU time over the facings
     for _ in range(args.repeat):  # alternated, so that a load change on a shared machine hits both sides
+        wall, cpu = time.perf_counter(), time.process_time()
         alone.append(model_alone(recognizer, x, seconds))
+        cpu_alone.append((time.process_time() - cpu) * 1e3 / (alone[-1] * (time.perf_counter() - wall)))
+        cpu = time.process_time()
         through.append(asyncio.run(service(recognizer, frames, plan, args.batch, workers)))
+        cpu_through.append((time.process_time() - cpu) * 1e3 / (args.frames * args.facings))
     best_alone, best_service = max(alone), max(through)
     result = {
         "model": args.model, "device": str(device), "batch": args.batch, "frames": args.frames,
@@ -189,15 +199,16 @@ def main() -> None:
         "host": platform.node(), "load_avg_1m": os.getloadavg()[0],
         "model_alone_facings_s": alone, "service_facings_s": through, "ratio": best_service / best_alone,
         "paired_ratio_median": statistics.median(s / a for a, s in zip(alone, through, strict=True)),
+        "core_ms_per_facing_model_alone": cpu_alone, "core_ms_per_facing_service": cpu_through,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "facings.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.model} on {device}, batch {args.batch}, {args.facings} facings per frame, {args.frames} frames, "
           f"{workers} CPUs, load {result['load_avg_1m']:.1f}")
-    print(f"{'run':<24}{'facings/s':>12}")
+    print(f"{'run':<24}{'facings/s':>12}{'core-ms/facing':>16}")
     for i, (a, s) in enumerate(zip(alone, through, strict=True)):
-        print(f"{'model alone #' + str(i + 1):<24}{a:>12.1f}")
-        print(f"{'service stages #' + str(i + 1):<24}{s:>12.1f}")
+        print(f"{'model alone #' + str(i + 1):<24}{a:>12.1f}{cpu_alone[i]:>16.2f}")
+        print(f"{'service stages #' + str(i + 1):<24}{s:>12.1f}{cpu_through[i]:>16.2f}")
     print(f"{'best ratio service/model':<24}{result['ratio']:>12.2f}   (target >= 0.90)")
     print(f"{'median of paired ratios':<24}{result['paired_ratio_median']:>12.2f}")
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -204,6 +205,20 @@ def start_http(settings: Settings, registry: CollectorRegistry, health: Health, 
     return server
 
 
+def _name_os_thread() -> None:
+    """Give this worker thread's Python name (``decode_0``, ``model_0``...) to the OS as well, so
+    that ``top -H``, ``ps -L`` and /proc/PID/task show which of the service's threads takes the
+    CPU. Threads that the runtimes start (OpenVINO's, OpenMP's) keep the name of the thread that
+    started them."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(threading.current_thread().name[:15])
+
+
+def _catalog_thread() -> None:
+    _name_os_thread()
+    _lower_priority()
+
+
 def _lower_priority() -> None:
     """Run this thread only when the CPUs have nothing else to do: loading a new catalogue must
     not take the cores the model needs. Linux's SCHED_IDLE policy (per thread; an unprivileged
@@ -234,10 +249,10 @@ class Pools:
     @classmethod
     def create(cls, decode_workers: int) -> Pools:
         return cls(
-            decode=ThreadPoolExecutor(decode_workers, thread_name_prefix="decode"),
-            model=ThreadPoolExecutor(1, thread_name_prefix="model"),
-            device_decode=ThreadPoolExecutor(1, thread_name_prefix="device-decode"),
-            catalog=ThreadPoolExecutor(1, thread_name_prefix="catalog", initializer=_lower_priority),
+            decode=ThreadPoolExecutor(decode_workers, thread_name_prefix="decode", initializer=_name_os_thread),
+            model=ThreadPoolExecutor(1, thread_name_prefix="model", initializer=_name_os_thread),
+            device_decode=ThreadPoolExecutor(1, thread_name_prefix="device-decode", initializer=_name_os_thread),
+            catalog=ThreadPoolExecutor(1, thread_name_prefix="catalog", initializer=_catalog_thread),
         )
 
     def shutdown(self) -> None:

@@ -1,3 +1,6 @@
+import threading
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -208,3 +211,22 @@ def test_the_rebalance_timeout_exceeds_the_drain():
     assert Settings(rebalance_timeout_ms=45_000).rebalance_timeout == 45_000
     with pytest.raises(ValidationError, match="REBALANCE_TIMEOUT_MS"):
         Settings(rebalance_timeout_ms=30_000, shutdown_timeout_s=30)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from Linux's /proc")
+def test_the_worker_threads_carry_their_names_to_the_os():
+    from consumer.app import Pools
+
+    def os_name() -> str:
+        return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+    pools = Pools.create(decode_workers=2)
+    try:
+        names = {pool: getattr(pools, pool).submit(os_name).result(timeout=10)
+                 for pool in ("decode", "model", "device_decode", "catalog")}
+    finally:
+        for pool in (pools.decode, pools.model, pools.device_decode, pools.catalog):
+            pool.shutdown()
+    assert names == {"decode": "decode_0", "model": "model_0", "device_decode": "device-decode_0",
+                     "catalog": "catalog_0"}
+    assert os_name() != "decode_0", "the calling thread keeps its own name"

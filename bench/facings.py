@@ -11,12 +11,11 @@
   stage), facing batching, embedding, compliance verdicts against the planogram, and the
   ComplianceEvent JSON of every frame. No broker (bench/e2e.py measures Kafka's share).
 
-Both sides run with torch's threads as the service sets them (one, beside OpenVINO:
-``consumer.app.leave_cores_to_openvino``). The target (issue #14) is service >= 90% of the model
-alone. The two sides run alternated ``--repeat`` times; printed are the ratio of the best of each
-side and the median of the ratios of each alternated pair (robust to one side's lucky or unlucky
-run on a shared machine), and each run's core-ms per facing (this process's CPU time over its
-facings: what the service spends per facing around the network is the difference).
+The target (issue #14) is service >= 90% of the model alone. The two sides run alternated
+``--repeat`` times; printed are the ratio of the best of each side and the median of the ratios
+of each alternated pair (robust to one side's lucky or unlucky run on a shared machine), and each
+run's core-ms per facing (this process's CPU time over its facings: what the service spends per
+facing around the network is the difference).
 Weights are ``none`` (seeded random): speed does not depend on them. Results go to
 out/bench/facings.json.
 """
@@ -49,7 +48,6 @@ from catalog.matcher import Matcher  # noqa: E402
 from catalog.models import load_backbone  # noqa: E402
 from catalog.planogram import parse_planogram  # noqa: E402
 from catalog.preprocess import DecodeLimits, decode_frame  # noqa: E402
-from consumer.app import leave_cores_to_openvino  # noqa: E402
 from consumer.batcher import batches  # noqa: E402
 from consumer.facings import Facing, Frames, crop  # noqa: E402
 from consumer.metrics import Metrics  # noqa: E402
@@ -174,7 +172,6 @@ def main() -> None:
     embedder = Embedder(load_backbone(args.model, weights="none"), device, precision="auto", execution="auto",
                         batch_size=args.batch, cache_dir=ROOT / ".cache" / "networks")
     print(f"embedder: {embedder.describe()}", flush=True)
-    leave_cores_to_openvino(embedder)  # as the service does
     frames, skus = shelf_frames(args.frames, args.facings)
     catalog = build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=args.model,
                             weights="none", device=str(device), progress=False)

@@ -14,8 +14,9 @@ run when the model is built; :func:`check_against_catalog` adds the one that nee
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -316,13 +317,33 @@ def crop_regions(frame: torch.Tensor, regions: Sequence[Region], size: tuple[int
         image = image.float()
     _, _, fh, fw = image.shape
     out = torch.empty((len(regions), 3, height, width), dtype=torch.uint8, device=device)
-    for i, r in enumerate(regions):
-        if r.corners is not None:
-            rectified = rectify(image[0], r.corners, (height, width))
-            out[i] = rectified.round().clamp(0, 255) if rectified.is_floating_point() else rectified
-            continue
-        x0, x1 = min(round(r.x0 * fw), fw - 1), round(r.x1 * fw)
-        y0, y1 = min(round(r.y0 * fh), fh - 1), round(r.y1 * fh)
-        patch = image[:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
-        out[i] = resized(patch, size)[0]
+    with one_torch_thread() if device.type == "cpu" else contextlib.nullcontext():
+        for i, r in enumerate(regions):
+            if r.corners is not None:
+                rectified = rectify(image[0], r.corners, (height, width))
+                out[i] = rectified.round().clamp(0, 255) if rectified.is_floating_point() else rectified
+                continue
+            x0, x1 = min(round(r.x0 * fw), fw - 1), round(r.x1 * fw)
+            y0, y1 = min(round(r.y0 * fh), fh - 1), round(r.y1 * fh)
+            patch = image[:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+            out[i] = resized(patch, size)[0]
     return out
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch's CPU work inside on the calling thread alone. A frame's cut is dozens of small
+    resizes: torch's parallel loop over each costs more than it gains, and leaves its team of OpenMP
+    threads spinning on the cores where the network's threads run the next batch (docs/performance.md,
+    *Facings*).
+    ``torch.set_num_threads`` sets the calling thread's count and the default of threads that have
+    not yet run parallel work; the count is restored on the way out."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -152,19 +152,6 @@ def tune_torch(device: torch.device, cpus: int) -> None:
         torch.set_num_threads(cpus)
 
 
-def leave_cores_to_openvino(embedder: Embedder) -> None:
-    """Call once the embedder is built. With the network on OpenVINO (its own threads, as many as
-    torch had when the network was built), torch's remaining work is small and per image: a photo's
-    resize in a decode thread, a frame's facing cut and the batch's stacking on the model thread,
-    the catalogue product. Each then runs on its calling thread alone. A team of torch's OpenMP
-    threads would spin after every such step on the cores where OpenVINO's threads, which wait for
-    each other at every layer, run the next batch (docs/performance.md, *Facings*: 10-15% of the
-    network's speed). Eager execution keeps torch's threads: there they run the network."""
-    if embedder.execution == "openvino" and (threads := torch.get_num_threads()) > 1:
-        log.info("torch CPU threads: %d -> 1 (the network runs on OpenVINO's own %d threads)", threads, threads)
-        torch.set_num_threads(1)
-
-
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -293,7 +280,6 @@ class Service:
         device = resolve_device(settings.device)
         tune_torch(device, available_cpus(request_millicores=settings.cpu_request_millicores))
         recognizer = load_model(settings, catalog, device)
-        leave_cores_to_openvino(recognizer.embedder)
         metrics.catalog_serving(version=catalog.version, model=catalog.fingerprint.backbone,
                                 products=len(catalog.skus), references=len(catalog.row_sku),
                                 device_bytes=recognizer.matcher.device_bytes)

@@ -144,3 +144,28 @@ def test_json_that_python_cannot_parse_is_a_malformed_planogram(raw):
     with pytest.raises(PlanogramError) as refused:
         parse_planogram(raw)
     assert refused.value.reason == PlanogramReason.MALFORMED
+
+
+def test_facings_are_cut_on_one_torch_thread_and_the_threads_are_restored(monkeypatch):
+    import catalog.planogram as planogram
+
+    image = to_tensor(photo(store_photos()[0][0]))
+    regions = [Region(x0=0.0, y0=0.0, x1=0.5, y1=0.5), Region(x0=0.5, y0=0.5, x1=1.0, y1=1.0)]
+    before = torch.get_num_threads()
+    threads_seen: list[int] = []
+
+    def resized(patch, size):
+        threads_seen.append(torch.get_num_threads())
+        return real_resized(patch, size)
+
+    real_resized = planogram.resized
+    monkeypatch.setattr(planogram, "resized", resized)
+    try:
+        torch.set_num_threads(2)
+        many = planogram.crop_regions(image, regions, (224, 224))
+        assert threads_seen == [1, 1] and torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.equal(planogram.crop_regions(image, regions, (224, 224)), many), "the same pixels either way"
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

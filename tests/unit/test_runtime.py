@@ -14,7 +14,6 @@ from catalog.build import catalog_from_vectors, embed_images, references_from_fo
 from catalog.embedder import Embedder
 from catalog.matcher import Matcher
 from catalog.models import load_backbone
-from catalog.preprocess import decode
 from catalog.runtime import OpenVinoNetwork, cache_key, cpu_identity, faster, fastest_precision, native_bf16
 from tests.photos import REFERENCES, store_photos
 
@@ -309,29 +308,3 @@ def test_joined_sizes_reuse_the_networks_converted_for_one_size_catalogues(tmp_p
     vectors = joined.embed(pixels)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(vectors[:, 1280:] * 2 ** 0.5, large(pixels))  # the largest size as decoded
-
-
-def test_torch_leaves_the_cores_to_openvino_and_keeps_them_for_an_eager_network(network_cache):
-    from consumer.app import leave_cores_to_openvino
-
-    before = torch.get_num_threads()
-    backbone = load_backbone("efficientnet_lite0")
-    size = backbone.fingerprint.preprocessing.size
-    photos = torch.stack([decode(path.read_bytes(), size).pixels for path, _ in store_photos()[:4]])
-    try:
-        torch.set_num_threads(2)
-        leave_cores_to_openvino(Embedder(backbone, "cpu", execution="eager"))
-        assert torch.get_num_threads() == 2, "an eager network runs on torch's threads: they stay"
-        embedder = Embedder(backbone, "cpu", execution="openvino", precision="fp32", cache_dir=network_cache)
-        leave_cores_to_openvino(embedder)
-        assert torch.get_num_threads() == 1
-        network = embedder._run
-        assert isinstance(network, OpenVinoNetwork)
-        assert int(network._compiled.get_property("INFERENCE_NUM_THREADS")) == 2, "OpenVINO keeps the threads"
-        torch.set_num_threads(2)
-        expected = embedder.embed(photos)
-        torch.set_num_threads(1)
-        assert torch.allclose(embedder.embed(photos), expected), "the vectors do not depend on torch's threads"
-    finally:
-        torch.set_num_threads(before)
-

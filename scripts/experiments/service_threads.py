@@ -4,8 +4,10 @@ Starts the local broker, puts a backlog of the demo store photos on a topic, sta
 (``consumer.cli consume``, as bench/e2e.py does) and, while it drains the backlog, reads each of
 its threads' CPU time from /proc (the service names its worker threads: ``decode_N``, ``model_0``,
 ``catalog_0``; threads that OpenVINO or OpenMP start keep the name of the thread that started
-them). Prints each group's cores and core-ms per photo over the events' window, the broker's
-cores, and the network alone before it (bench/e2e.py's ModelAlone: 2 threads, no decode) for
+them, so those started from the main thread, where OpenVINO compiles the network, are counted
+together as "unnamed"). Prints each group's cores and core-ms per photo over the events' window,
+the broker's cores, and the network alone before it (bench/e2e.py's ModelAlone on torch's threads,
+no decode; its core-ms per photo counts every thread busy all the time, an upper bound) for
 comparison. Weights ``none``: speed does not depend on them. Not run by the tests (about 1 minute).
 
     .venv/bin/python scripts/experiments/service_threads.py [MODEL] [EXECUTION[:PRECISION]] [PHOTOS]
@@ -76,31 +78,34 @@ def main(argv: list[str]) -> None:
 
         def sample() -> None:
             while not done.is_set():
-                with_broker = broker.cpu_times()
                 try:
-                    samples.append((time.time(), thread_cpu(service.proc.pid), with_broker.user + with_broker.system))
-                except OSError:
+                    cpu = broker.cpu_times()
+                    samples.append((time.time(), thread_cpu(service.proc.pid), cpu.user + cpu.system))
+                except (OSError, psutil.Error):  # the service or the broker has gone: the window is over
                     return
                 done.wait(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        records = asyncio.run(e2e.collect(bootstrap, out, n))
-        done.set()
-        sampler.join()
-        service.stop()
+        try:
+            records = asyncio.run(e2e.collect(bootstrap, out, n))
+        finally:
+            done.set()
+            sampler.join()
+            service.stop()
     finally:
         subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop"], env=env, check=False, capture_output=True)
     first, last = e2e.event_window(records)
     (t0, before, b0), (t1, after, b1) = (min(samples, key=lambda s: abs(s[0] - t)) for t in (first, last))
-    wall, photos_in_window = t1 - t0, n * (t1 - t0) / (last - first)
+    # rate_of's window: the events after the first batch's, over the time from its last to the last
+    wall, photos_in_window = t1 - t0, (n - e2e.BATCH) * (t1 - t0) / (last - first)
     groups: dict[str, float] = {}
     main_name = after[service.proc.pid][0]
     for tid, (name, cpu) in after.items():
         if tid == service.proc.pid:
             group = "event loop (main thread)"
         elif name == main_name:  # started by the main thread: OpenVINO compiles the network there
-            group = "runtime (OpenVINO's threads)"
+            group = "unnamed (OpenVINO's threads)"
         else:
             group = re.sub(r"_\d+$", "", name)
         groups[group] = groups.get(group, 0.0) + cpu - before.get(tid, (name, 0.0))[1]

@@ -232,11 +232,35 @@ class Service:
 
 
 BROKER_STATE = ROOT / ".cache" / "kafka" / "bench.json"
-BROKER_PID: int | None = None  # set by main() when it started the local broker; None for an outside one
+BROKER_PID: int | None = None  # set by start_broker() when it started the local broker; None for an outside one
+BROKER_ENV = {**os.environ, "SHELFMATCH_KAFKA_STATE": str(BROKER_STATE)}
 
 
 def broker_pid() -> int | None:
     return BROKER_PID
+
+
+def start_broker() -> str:
+    """Start the local broker (scripts/kafka-local), remember its pid; its bootstrap address."""
+    out = subprocess.run([str(ROOT / "scripts" / "kafka-local"), "start"], env=BROKER_ENV, check=True,
+                         stdout=subprocess.PIPE, text=True)
+    global BROKER_PID
+    BROKER_PID = json.loads(BROKER_STATE.read_text()).get("pid")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def stop_broker() -> None:
+    subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop"], env=BROKER_ENV, check=False)
+
+
+def demo_catalog(model: str) -> Path:
+    """The catalogue of the demo references for ``model`` (weights ``none``), built at first use."""
+    catalog = OUT / f"catalog-{slug(model)}.safetensors"
+    if not catalog.exists():
+        name, scales = parse_model(model)
+        build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=name,
+                      weights="none", device="cpu", progress=False, scales=scales).save(catalog)
+    return catalog
 
 
 class CpuSampler(threading.Thread):
@@ -296,11 +320,7 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
     execution, _, precision = spec.partition(":")
     precision = precision or "auto"
     run = f"{slug(model)}-{size}-{execution}-{precision}-{os.urandom(3).hex()}"
-    catalog = OUT / f"catalog-{slug(model)}.safetensors"
-    if not catalog.exists():
-        name, scales = parse_model(model)
-        build_catalog(references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=name,
-                      weights="none", device="cpu", progress=False, scales=scales).save(catalog)
+    catalog = demo_catalog(model)
     result = {"model": model, "size": size, "batch_size": BATCH, "photo_bytes": int(np.mean([len(p) for p in photos])),
               "execution": execution, "precision": precision}
     alone = ModelAlone(model, photos, execution, precision)
@@ -364,7 +384,7 @@ def bench(bootstrap: str, model: str, size: str, photos: list[bytes], spec: str,
 
 def naive(bootstrap: str, model: str, size: str, photos: list[bytes], args) -> float:
     run = f"{slug(model)}-{size}-{os.urandom(3).hex()}"
-    catalog = OUT / f"catalog-{slug(model)}.safetensors"
+    catalog = demo_catalog(model)
     # Naive reference consumer on its own backlog.
     ntopic, nout = f"bench.naive.{run}", f"bench.naive.out.{run}"
     asyncio.run(create(bootstrap, ntopic, nout))
@@ -394,14 +414,9 @@ def main() -> int:
     args.loads = [float(x) for x in args.loads.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     bootstrap = os.environ.get("SHELFMATCH_KAFKA_BOOTSTRAP_SERVERS")
-    env = {**os.environ, "SHELFMATCH_KAFKA_STATE": str(BROKER_STATE)}
     started = not bootstrap
     if started:
-        out = subprocess.run([str(ROOT / "scripts" / "kafka-local"), "start"], env=env, check=True,
-                             stdout=subprocess.PIPE, text=True)
-        bootstrap = out.stdout.strip().splitlines()[-1]
-        global BROKER_PID
-        BROKER_PID = json.loads(BROKER_STATE.read_text()).get("pid")
+        bootstrap = start_broker()
     sizes = {"store": store_photos, "fullhd": shelf_frames}
     results = []
     try:
@@ -413,7 +428,7 @@ def main() -> int:
                 results += [{**row, "naive_img_s": rate} for row in rows]
     finally:
         if started:
-            subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop"], env=env, check=False)
+            stop_broker()
     import openvino as ov
 
     from catalog.runtime import native_bf16

@@ -339,9 +339,6 @@ def one_torch_thread() -> Iterator[None]:
     ``torch.set_num_threads`` sets the calling thread's count and the default of threads that have
     not yet run parallel work; the count is restored on the way out."""
     before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
     torch.set_num_threads(1)
     try:
         yield

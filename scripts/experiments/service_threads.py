@@ -16,16 +16,15 @@ comparison. Weights ``none``: speed does not depend on them. Not run by the test
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -52,22 +51,14 @@ def main(argv: list[str]) -> None:
     n = int(argv[2]) if len(argv) > 2 else 1280
     execution, _, precision = spec.partition(":")
     precision = precision or "auto"
-    env = {**os.environ, "SHELFMATCH_KAFKA_STATE": str(e2e.BROKER_STATE)}
-    started = subprocess.run([str(ROOT / "scripts" / "kafka-local"), "start"], env=env, check=True,
-                             stdout=subprocess.PIPE, text=True)
-    bootstrap = started.stdout.strip().splitlines()[-1]
-    e2e.BROKER_PID = json.loads(e2e.BROKER_STATE.read_text()).get("pid")
+    bootstrap = e2e.start_broker()
     broker = psutil.Process(e2e.BROKER_PID)
     try:
         photos = e2e.store_photos()
         alone = e2e.ModelAlone(model, photos, execution, precision)
         alone_img_s = alone.rate()
         del alone
-        catalog = e2e.OUT / f"catalog-{e2e.slug(model)}.safetensors"
-        if not catalog.exists():
-            name, scales = e2e.parse_model(model)
-            e2e.build_catalog(e2e.references_from_folder(ROOT / "data" / "grocery-demo" / "references"), model=name,
-                              weights="none", device="cpu", progress=False, scales=scales).save(catalog)
+        catalog = e2e.demo_catalog(model)
         run = os.urandom(3).hex()
         topic, out = f"threads.in.{run}", f"threads.out.{run}"
         asyncio.run(e2e.create(bootstrap, topic, out, out + ".dlq"))
@@ -94,7 +85,7 @@ def main(argv: list[str]) -> None:
             sampler.join()
             service.stop()
     finally:
-        subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop"], env=env, check=False, capture_output=True)
+        e2e.stop_broker()
     first, last = e2e.event_window(records)
     (t0, before, b0), (t1, after, b1) = (min(samples, key=lambda s: abs(s[0] - t)) for t in (first, last))
     # rate_of's window: the events after the first batch's, over the time from its last to the last
@@ -109,9 +100,9 @@ def main(argv: list[str]) -> None:
         else:
             group = re.sub(r"_\d+$", "", name)
         groups[group] = groups.get(group, 0.0) + cpu - before.get(tid, (name, 0.0))[1]
+    threads = torch.get_num_threads()
     print(f"{model} {spec}: service {e2e.rate_of(records):.1f} img/s; network alone {alone_img_s:.1f} img/s on "
-          f"{e2e.torch.get_num_threads()} threads ({e2e.torch.get_num_threads() * 1e3 / alone_img_s:.2f} core-ms "
-          f"per photo); window {wall:.1f} s")
+          f"{threads} threads ({threads * 1e3 / alone_img_s:.2f} core-ms per photo); window {wall:.1f} s")
     print(f"{'threads':<28}{'cores':>8}{'core-ms/photo':>16}")
     for group, cpu in sorted(groups.items(), key=lambda kv: -kv[1]):
         if cpu > 0.005 * wall:
